@@ -1,0 +1,107 @@
+"""Input checks shared by every public entry point.
+
+Each failure raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong
+shape, value or device) with a message naming the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _activations
+from ._spec import BlockSpec
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {t.dtype}")
+    return t
+
+
+def _kernel_size(spec: BlockSpec, weight: Tensor) -> int:
+    kh, kw = weight.shape[-2:]
+    if kh != kw:
+        raise ValueError(f"weight: expected a square kernel, got {kh}x{kw} (shape {tuple(weight.shape)})")
+    if kh == 0:
+        raise ValueError(f"weight: kernel size must be >= 1, got 0 (shape {tuple(weight.shape)})")
+    if spec.depthwise and kh % 2 == 0:
+        raise ValueError(f"weight: depthwise kernel size must be odd ('same' padding is "
+                         f"symmetric only for odd k), got k={kh}")
+    return kh
+
+
+def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tensor],
+                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 training: object, momentum: object, eps: object) -> None:
+    x = _tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if n == 0 or c == 0 or h == 0 or w == 0:
+        raise ValueError(f"x: every dimension of (N, C, H, W) must be >= 1, got {tuple(x.shape)}")
+    weight = _tensor("weight", weight)
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D conv weight, got shape {tuple(weight.shape)}")
+    k = _kernel_size(spec, weight)
+    cout = weight.shape[0]
+    if spec.depthwise and (cout != c or weight.shape[1] != 1):
+        raise ValueError(f"weight: expected a depthwise weight of shape (C, 1, k, k) = "
+                         f"({c}, 1, {k}, {k}) for x with C={c}, got {tuple(weight.shape)}")
+    if not spec.depthwise and weight.shape[1] != c:
+        raise ValueError(f"weight: expected {c} input channels (x has C={c}), got weight of "
+                         f"shape {tuple(weight.shape)}")
+    if not spec.depthwise and not spec.patch and k != 1:
+        raise ValueError(f"weight: expected a 1x1 weight (Cout, Cin, 1, 1), got {tuple(weight.shape)}")
+    if spec.patch and (h < k or w < k):
+        raise ValueError(f"x: spatial size {h}x{w} is smaller than the patch size {k}")
+    if cout == 0:
+        raise ValueError("weight: expected at least one output channel, got 0")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected a tensor on x's device ({x.device}), got {weight.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected x's dtype {x.dtype} (as nn.Conv2d does), got {weight.dtype}")
+    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        _tensor(name, t)
+        if tuple(t.shape) != (cout,):
+            raise ValueError(f"{name}: expected shape ({cout},) (one value per output channel), "
+                             f"got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device ({x.device}), got {t.device}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected x's dtype {x.dtype}, got {bias.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: pass both or neither")
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("running_mean, running_var: required when training=False (eval mode "
+                         "normalises with the running statistics)")
+    if isinstance(momentum, Tensor):
+        if momentum.numel() != 1:
+            raise ValueError(f"momentum: expected a scalar, got a tensor of shape {tuple(momentum.shape)}")
+    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
+        raise TypeError(f"momentum: expected a finite float (use the modules for momentum=None), "
+                        f"got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if training:
+        ho, wo = spec.out_shape(x, weight)[2:]
+        if n * ho * wo <= 1:
+            raise ValueError(f"x: training-mode BatchNorm needs more than one value per channel, "
+                             f"got N*H*W = {n * ho * wo} (input shape {tuple(x.shape)})")
+
+
+def activation(act: object) -> str:
+    return _activations.check_activation(act)

@@ -1,0 +1,179 @@
+"""Backend registry: which implementation runs a block op.
+
+| backend     | device | kernels                                                 |
+|-------------|--------|---------------------------------------------------------|
+| ``cuda``      | GPU    | hand-written CUDA kernels of the compiled extension     |
+| ``triton``    | GPU    | Triton kernels (CPU only under ``TRITON_INTERPRET=1``)  |
+| ``cpu``       | CPU    | C++ kernels of the compiled extension                   |
+| ``reference`` | any    | the composite PyTorch version (``convmixer_kernels.reference``) |
+
+The choice comes from the ``backend=`` argument of a function or module, else from the
+environment variable ``CONVMIXER_KERNELS_BACKEND``, else ``auto``. ``auto`` takes
+the first usable backend in ``AUTO_ORDER`` for the input's device and logs once
+which one it skipped and why; a backend named explicitly that cannot run raises
+``BackendUnavailable`` with the reason.
+
+A backend object implements ``unavailable(op, x)`` (None or a reason) and the
+``forward``/``backward`` contract documented in ``convmixer_kernels.reference``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from . import _cpp_lib, reference
+from ._spec import SPECS
+
+log = logging.getLogger("convmixer_kernels")
+
+ENV_VAR = "CONVMIXER_KERNELS_BACKEND"
+BACKEND_NAMES: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this op on this input."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable(self, op: str, x: Tensor) -> Optional[str]: ...
+
+    def forward(self, op: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+    def backward(self, op: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: ...
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def unavailable(self, op: str, x: Tensor) -> Optional[str]:
+        return None
+
+    def forward(self, op: str, *args):
+        return reference.forward(SPECS[op], *args)
+
+    def backward(self, op: str, *args):
+        return reference.backward(SPECS[op], *args)
+
+
+class PendingBackend:
+    """A backend whose kernels are not part of this build yet: it reports why."""
+
+    def __init__(self, name: str, device_type: str, what: str):
+        self.name, self.device_type, self.what = name, device_type, what
+
+    def unavailable(self, op: str, x: Tensor) -> Optional[str]:
+        if x.device.type != self.device_type:
+            return f"it runs on {self.device_type} tensors, got a {x.device.type} tensor"
+        ext = _cpp_lib.status()
+        if self.what.startswith("compiled") and ext is not None:
+            return ext
+        return f"this version of convmixer_kernels has no {self.what} for {op} yet"
+
+    def forward(self, op: str, *args):
+        raise BackendUnavailable(self.unavailable(op, args[0]))
+
+    backward = forward
+
+
+_REGISTRY: dict[str, Backend] = {
+    "reference": ReferenceBackend(),
+    "cpu": PendingBackend("cpu", "cpu", "compiled C++ CPU kernel"),
+    "cuda": PendingBackend("cuda", "cuda", "compiled CUDA kernel"),
+    "triton": PendingBackend("triton", "cuda", "Triton kernel"),
+}
+
+
+def register(backend: Backend) -> None:
+    """Install (or replace) the implementation behind one of ``BACKEND_NAMES``."""
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"backend.name: expected one of {BACKEND_NAMES}, got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    _logged.clear()
+
+
+def get(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def check_name(backend: object, arg: str = "backend") -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"{arg}: expected one of {BACKEND_NAMES + ('auto',)}, got {backend!r}")
+    return backend
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _requested(backend: Optional[str]) -> str:
+    if backend is not None:
+        return check_name(backend)
+    return check_name(os.environ.get(ENV_VAR, "auto"), arg=f"environment variable {ENV_VAR}")
+
+
+def _resolve_eager(requested: str, op: str, x: Tensor) -> str:
+    if requested != "auto":
+        reason = _REGISTRY[requested].unavailable(op, x)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {requested!r} cannot run {op}: {reason}")
+        return requested
+    order = AUTO_ORDER.get(x.device.type, ("reference",))
+    for name in order:
+        reason = _REGISTRY[name].unavailable(op, x)
+        if reason is None:
+            return name
+        key = (x.device.type, name)
+        if key not in _logged:
+            _logged.add(key)
+            log.warning("convmixer_kernels: backend %r skipped for %s on %s (%s); trying %r",
+                        name, op, x.device.type, reason, order[order.index(name) + 1])
+    raise AssertionError("the reference backend is always available")
+
+
+@functools.lru_cache(maxsize=None)
+def _constant_resolver():
+    # Built on first use under torch.compile: decorating at import time would import
+    # torch._dynamo (and through it Triton) on `import convmixer_kernels`.
+    return torch.compiler.assume_constant_result(_resolve_eager)
+
+
+def resolve(backend: Optional[str], op: str, x: Tensor) -> str:
+    """The concrete backend name that will run ``op`` on ``x``."""
+    requested = _requested(backend)
+    if torch.compiler.is_compiling():
+        return _constant_resolver()(requested, op, x)
+    return _resolve_eager(requested, op, x)
+
+
+def available_backends(device: str | torch.device = "cpu", op: str = "dw_block") -> list[str]:
+    """Backends that can run ``op`` on a float32 tensor of ``device``."""
+    x = torch.empty(1, 1, 1, 1, device=device)
+    return [n for n in BACKEND_NAMES if _REGISTRY[n].unavailable(op, x) is None]
+
+
+def explain(device: str | torch.device = "cpu", op: str = "dw_block") -> dict[str, str]:
+    """Each backend's status for ``op`` on ``device``: 'available' or the reason it is not."""
+    x = torch.empty(1, 1, 1, 1, device=device)
+    return {n: _REGISTRY[n].unavailable(op, x) or "available" for n in BACKEND_NAMES}
+
+
+def run_forward(backend: str, op: str, *args: object):
+    return _REGISTRY[backend].forward(op, *args)
+
+
+def run_backward(backend: str, op: str, *args: object):
+    return _REGISTRY[backend].backward(op, *args)
+
+
+__all__ = ["BACKEND_NAMES", "ENV_VAR", "AUTO_ORDER", "BackendUnavailable", "register", "get",
+           "resolve", "available_backends", "explain"]

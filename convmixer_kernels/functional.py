@@ -1,0 +1,84 @@
+"""Functional API: ``dw_block``, ``pw_block``, ``patch_embed``.
+
+Same arguments and semantics as the pure-PyTorch versions in
+``convmixer_kernels.reference`` (which read like ``F.conv2d`` + activation +
+``F.batch_norm``): with ``training=True`` the batch statistics normalise and the
+running statistics, if given, are updated in place with ``momentum``; with
+``training=False`` the running statistics normalise. ``backend`` picks the
+implementation (see ``convmixer_kernels.backends``); None means the environment
+variable ``CONVMIXER_KERNELS_BACKEND``, else ``auto``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _validate, backends
+from ._spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec
+from .ops import BLOCK_OPS
+
+__all__ = ["dw_block", "pw_block", "patch_embed"]
+
+Momentum = Union[float, Tensor]
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                    count: int, momentum: Momentum) -> None:
+    """running = (1 - m) * running + m * batch, with the unbiased variance (as nn.BatchNorm2d)."""
+    unbiased = var * (count / (count - 1))
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype) * momentum)
+
+
+def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+           training, momentum, eps, activation, backend) -> Tensor:
+    _validate.block_inputs(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           training, momentum, eps)
+    activation = _validate.activation(activation)
+    name = backends.resolve(backend, spec.name, x)
+    params = (x, weight, bias, bn_weight, bn_bias)
+    save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    stats_in = (None, None) if training else (running_mean, running_var)
+    out, mean, var, _ = BLOCK_OPS[spec.name].forward(
+        x, weight, bias, bn_weight, bn_bias, *stats_in, training, float(eps), activation,
+        save_preact, name)
+    if training and running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
+    return out
+
+
+def dw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+             bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+             running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+             training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
+             activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+    """Residual depthwise block: x (N, C, H, W), weight (C, 1, k, k), k odd ->
+    x + BN(act(dwconv_k(x) + bias)) of shape (N, C, H, W), 'same' zero padding."""
+    return _block(DW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                  training, momentum, eps, activation, backend)
+
+
+def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+             bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+             running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+             training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
+             activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+    """Pointwise block: x (N, Cin, H, W), weight (Cout, Cin, 1, 1) ->
+    BN(act(conv1x1(x) + bias)) of shape (N, Cout, H, W)."""
+    return _block(PW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                  training, momentum, eps, activation, backend)
+
+
+def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
+                activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+    """Patch embedding: img (N, Cin, H, W), weight (Cout, Cin, p, p) ->
+    BN(act(conv_p_stride_p(img) + bias)) of shape (N, Cout, H // p, W // p)
+    (trailing rows/columns that do not fill a patch are dropped, as nn.Conv2d does)."""
+    return _block(PATCH_EMBED, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                  training, momentum, eps, activation, backend)

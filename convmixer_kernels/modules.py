@@ -1,0 +1,183 @@
+"""Drop-in ``nn.Module``s whose parameters and buffers are laid out as timm's.
+
+Each fused module holds the stock modules (``nn.Conv2d``, the activation,
+``nn.BatchNorm2d``) as children under the names timm uses, so ``state_dict`` keys
+match timm's ``ConvMixer`` exactly, and runs them as one fused op. BatchNorm
+behaves exactly as ``nn.BatchNorm2d`` (``momentum=None`` cumulative average,
+``num_batches_tracked``, ``track_running_stats=False``, ``affine=False``). Each
+module has a ``backend`` attribute (None: ``CONVMIXER_KERNELS_BACKEND`` or ``auto``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from . import _activations, backends, functional
+
+__all__ = ["DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer"]
+
+
+def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
+              bn: nn.BatchNorm2d, backend: Optional[str]) -> Tensor:
+    """Run ``bn(act(conv(x)))`` (plus the residual for ``dw_block``) as one fused op,
+    with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, kept as a tensor (no host sync)
+            factor = 1.0 / bn.num_batches_tracked
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    activation = _activations.name_of(act)
+    if activation is None:
+        raise TypeError(f"activation module: expected nn.GELU or nn.ReLU, got {type(act).__name__}")
+    return fn(x, conv.weight, conv.bias, bn.weight, bn.bias,
+              bn.running_mean if keep else None, bn.running_var if keep else None,
+              training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
+              backend=backend)
+
+
+def _bn(dim: int, eps: float, momentum: Optional[float], dd: dict) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(dim, eps=eps, momentum=momentum, **dd)
+
+
+class DepthwiseBlock(nn.Module):
+    """x + BN(act(dwconv_k(x) + b)): timm's ``Residual(Sequential(conv, act, bn))``.
+
+    x (N, dim, H, W) -> (N, dim, H, W). Children: ``fn.0`` conv, ``fn.1`` act, ``fn.2`` BN.
+    """
+
+    backend: Optional[str] = None
+
+    def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd size >= 1, got {kernel_size}")
+        dd = {"device": device, "dtype": dtype}
+        self.fn = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same", **dd),
+            _activations.make_module(activation), _bn(dim, eps, momentum, dd))
+        if backend is not None:
+            self.backend = backends.check_name(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_fused(functional.dw_block, x, self.fn[0], self.fn[1], self.fn[2], self.backend)
+
+
+class _FusedTriple(nn.Sequential):
+    """Sequential(conv, act, BN) run as one fused op (keys ``0.*`` and ``2.*`` as timm's)."""
+
+    backend: Optional[str] = None
+    _fn: Callable[..., Tensor]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self.backend)
+
+
+class PointwiseBlock(_FusedTriple):
+    """BN(act(conv1x1(x) + b)): x (N, in_dim, H, W) -> (N, out_dim, H, W)."""
+
+    _fn = staticmethod(functional.pw_block)
+
+    def __init__(self, in_dim: int, out_dim: Optional[int] = None, activation: str = "gelu",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        out_dim = in_dim if out_dim is None else out_dim
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(nn.Conv2d(in_dim, out_dim, 1, **dd), _activations.make_module(activation),
+                         _bn(out_dim, eps, momentum, dd))
+        if backend is not None:
+            self.backend = backends.check_name(backend)
+
+
+class PatchEmbed(_FusedTriple):
+    """BN(act(conv_p_stride_p(img) + b)): img (N, in_chans, H, W) -> (N, dim, H // p, W // p)."""
+
+    _fn = staticmethod(functional.patch_embed)
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 7, activation: str = "gelu",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd),
+                         _activations.make_module(activation), _bn(dim, eps, momentum, dd))
+        if backend is not None:
+            self.backend = backends.check_name(backend)
+
+
+class ConvMixerLayer(nn.Sequential):
+    """One ConvMixer layer: ``DepthwiseBlock`` then the pointwise block.
+
+    Children as timm's layer: ``0`` DepthwiseBlock (``0.fn.*``), ``1`` 1x1 conv,
+    ``2`` act, ``3`` BN. x (N, dim, H, W) -> (N, dim, H, W).
+    """
+
+    backend: Optional[str] = None
+
+    def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(
+            DepthwiseBlock(dim, kernel_size, activation, eps, momentum, backend, **dd),
+            nn.Conv2d(dim, dim, 1, **dd), _activations.make_module(activation),
+            _bn(dim, eps, momentum, dd))
+        if backend is not None:
+            self.backend = backends.check_name(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self[0](x)
+        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self.backend)
+
+
+class ConvMixer(nn.Module):
+    """ConvMixer with timm's attribute names and ``state_dict`` keys.
+
+    ``ConvMixer(dim, depth, ...).load_state_dict(timm_model.state_dict())`` works for
+    timm's ``convmixer_*`` models. img (N, in_chans, H, W) -> logits (N, num_classes).
+    """
+
+    def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
+                 num_classes: int = 1000, activation: str = "gelu", in_chans: int = 3,
+                 drop_rate: float = 0.0, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = dim
+        self.stem = PatchEmbed(in_chans, dim, patch_size, activation, eps, momentum, backend, **dd)
+        self.blocks = nn.Sequential(*[
+            ConvMixerLayer(dim, kernel_size, activation, eps, momentum, backend, **dd)
+            for _ in range(depth)])
+        self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self.pooling(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def convmixer_1536_20(**kwargs) -> ConvMixer:
+    """timm's ``convmixer_1536_20``: dim 1536, depth 20, k=9, patch 7, GELU."""
+    return ConvMixer(1536, 20, kernel_size=9, patch_size=7, **kwargs)
+
+
+def convmixer_768_32(**kwargs) -> ConvMixer:
+    """timm's ``convmixer_768_32``: dim 768, depth 32, k=7, patch 7, ReLU."""
+    return ConvMixer(768, 32, kernel_size=7, patch_size=7, activation="relu", **kwargs)
+
+
+def convmixer_1024_20_ks9_p14(**kwargs) -> ConvMixer:
+    """timm's ``convmixer_1024_20_ks9_p14``: dim 1024, depth 20, k=9, patch 14, GELU."""
+    return ConvMixer(1024, 20, kernel_size=9, patch_size=14, **kwargs)

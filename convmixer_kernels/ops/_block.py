@@ -1,0 +1,115 @@
+"""Registers one block as a pair of ``torch.library`` ops with fake and autograd.
+
+For a block ``name`` (``dw_block``, ``pw_block``, ``patch_embed``)::
+
+    convmixer_kernels::{name}_forward(Tensor x, Tensor weight, Tensor? bias,
+        Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var,
+        bool use_batch_stats, float eps, str activation, bool save_preact, str backend)
+        -> (Tensor out, Tensor mean, Tensor var, Tensor preact)
+    convmixer_kernels::{name}_backward(Tensor grad_out, Tensor x, Tensor weight,
+        Tensor? bias, Tensor? bn_weight, Tensor mean, Tensor var, Tensor preact,
+        bool use_batch_stats, float eps, str activation, bool[] output_mask, str backend)
+        -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dbn_weight, Tensor dbn_bias)
+
+Both are functional (they mutate nothing: running statistics are updated by the
+caller from ``mean``/``var``), so autograd and torch.compile see through them. The
+``backend`` argument is a concrete backend name (``auto`` is resolved before the
+call); the implementation hands the call to that backend. Shapes, dtypes and
+layouts of every result are documented in ``convmixer_kernels.reference``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._spec import BlockSpec, output_memory_format, stats_dtype
+
+NAMESPACE = "convmixer_kernels"
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+    "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "
+    "str activation, bool save_preact, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+    "Tensor mean, Tensor var, Tensor preact, bool use_batch_stats, float eps, "
+    "str activation, bool[] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    spec: BlockSpec
+    forward: Any   # the registered forward op (a torch.library CustomOpDef)
+    backward: Any  # the registered backward op
+
+
+def _empty(x: Tensor, shape, fmt=torch.contiguous_format, dtype=None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def define(spec: BlockSpec) -> BlockOp:
+    name = spec.name
+
+    def forward_impl(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                     use_batch_stats, eps, activation, save_preact, backend):
+        return backends.run_forward(backend, name, x, weight, bias, bn_weight, bn_bias,
+                                    running_mean, running_var, use_batch_stats, eps,
+                                    activation, save_preact)
+
+    def backward_impl(grad_out, x, weight, bias, bn_weight, mean, var, preact,
+                      use_batch_stats, eps, activation, output_mask, backend):
+        return backends.run_backward(backend, name, grad_out, x, weight, bias, bn_weight,
+                                     mean, var, preact, use_batch_stats, eps, activation,
+                                     output_mask)
+
+    fwd = torch.library.custom_op(f"{NAMESPACE}::{name}_forward", forward_impl,
+                                  mutates_args=(), schema=FORWARD_SCHEMA)
+    bwd = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", backward_impl,
+                                  mutates_args=(), schema=BACKWARD_SCHEMA)
+
+    @fwd.register_fake
+    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+          use_batch_stats, eps, activation, save_preact, backend):
+        shape, fmt = spec.out_shape(x, weight), output_memory_format(x)
+        c, sdt = weight.shape[0], stats_dtype(x)
+        preact = _empty(x, shape, fmt) if save_preact else _empty(x, (0,))
+        return _empty(x, shape, fmt), _empty(x, (c,), dtype=sdt), _empty(x, (c,), dtype=sdt), preact
+
+    @bwd.register_fake
+    def _(grad_out, x, weight, bias, bn_weight, mean, var, preact, use_batch_stats, eps,
+          activation, output_mask, backend):
+        def pick(i, shape, fmt=torch.contiguous_format, dtype=None):
+            return _empty(x, shape if output_mask[i] else (0,), fmt, dtype)
+        c, sdt = weight.shape[0], mean.dtype
+        return (pick(0, x.shape, output_memory_format(x)), pick(1, weight.shape),
+                pick(2, (c,)), pick(3, (c,), dtype=sdt), pick(4, (c,), dtype=sdt))
+
+    def setup_context(ctx, inputs, output):
+        (x, weight, bias, bn_weight, bn_bias, _rm, _rv, use_batch_stats, eps, activation,
+         _save, backend) = inputs
+        _out, mean, var, preact = output
+        ctx.save_for_backward(x, weight, bias, bn_weight, mean, var, preact)
+        ctx.config = (use_batch_stats, eps, activation, backend)
+        ctx.bn_bias_dtype = None if bn_bias is None else bn_bias.dtype
+
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_preact):
+        x, weight, bias, bn_weight, mean, var, preact = ctx.saved_tensors
+        use_batch_stats, eps, activation, backend = ctx.config
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2] and bias is not None,
+                need[3] and bn_weight is not None, need[4] and ctx.bn_bias_dtype is not None]
+        dx, dw, db, dbnw, dbnb = bwd(grad_out, x, weight, bias, bn_weight, mean, var, preact,
+                                     use_batch_stats, eps, activation, mask, backend)
+        return (dx if mask[0] else None, dw if mask[1] else None,
+                db.to(bias.dtype) if mask[2] else None,
+                dbnw.to(bn_weight.dtype) if mask[3] else None,
+                dbnb.to(ctx.bn_bias_dtype) if mask[4] else None,
+                None, None, None, None, None, None, None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return BlockOp(spec, fwd, bwd)

@@ -1,0 +1,65 @@
+// convmixer_kernels._C: op schemas of the compiled kernels, their CPU implementations,
+// and the Python module entry point. CUDA implementations live in csrc/cuda/*.cu and
+// register under TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "axpb.h"
+
+#ifndef CONVMIXER_TORCH_VERSION
+#define CONVMIXER_TORCH_VERSION "unknown"
+#endif
+#ifndef CONVMIXER_CUDA_ARCH_LIST
+#define CONVMIXER_CUDA_ARCH_LIST ""
+#endif
+
+extern "C" {
+// Importing convmixer_kernels._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace convmixer_kernels {
+
+// JSON describing what this binary was built against (read by _cpp_lib.py).
+std::string build_info() {
+#ifdef CONVMIXER_WITH_CUDA
+  const char* cuda = "true";
+#else
+  const char* cuda = "false";
+#endif
+  return std::string("{\"torch_version\": \"") + CONVMIXER_TORCH_VERSION + "\", \"cuda\": " +
+         cuda + ", \"cuda_arch_list\": \"" + CONVMIXER_CUDA_ARCH_LIST + "\", \"openmp\": " +
+         (at::get_parallel_info().find("OpenMP") != std::string::npos ? "true" : "false") + "}";
+}
+
+// out = a * x + b, elementwise: the smallest kernel that exercises the whole build,
+// registration and launch path on both devices.
+at::Tensor axpb_cpu(const at::Tensor& x, double a, double b) {
+  check_axpb_input(x, at::kCPU);
+  auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  const float* in = xc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float fa = static_cast<float>(a), fb = static_cast<float>(b);
+  at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = fa * in[i] + fb;
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) {
+  m.def("_build_info() -> str", &build_info);
+  m.def("_axpb(Tensor x, float a, float b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) { m.impl("_axpb", &axpb_cpu); }
+
+}  // namespace convmixer_kernels

@@ -1,0 +1,84 @@
+"""Builds convmixer_kernels._C with torch.utils.cpp_extension (ninja).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension is built
+against the torch already installed (build isolation would fetch another torch).
+
+Environment knobs:
+  CONVMIXER_KERNELS_SKIP_CUDA=1  build only the C++ CPU kernels
+  TORCH_CUDA_ARCH_LIST           CUDA architectures (default "8.0;9.0")
+  CUDA_HOME                      CUDA toolkit (default /usr/local/cuda)
+  MAX_JOBS                       parallel compile jobs (ninja)
+  DEBUG=1                        -O0 -g (and -lineinfo for CUDA) instead of -O3 -g0
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit("setup.py: torch is not installed in this environment. Install the pinned "
+             "requirements first (scripts/setup.sh), then `pip install --no-build-isolation -e .`.")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG") == "1"
+
+
+def cuda_build_reason():
+    """None if the CUDA sources should be built, else why not."""
+    if os.environ.get("CONVMIXER_KERNELS_SKIP_CUDA") == "1":
+        return "CONVMIXER_KERNELS_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    if not os.path.exists(nvcc) and shutil.which("nvcc") is None:
+        return f"nvcc not found (looked for {nvcc})"
+    return None
+
+
+def cuda_include_dirs():
+    # /usr/local/cuda may lack the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h
+    # includes; the CUDA wheels that torch depends on carry them.
+    dirs = []
+    for path in sys.path:
+        dirs += glob.glob(os.path.join(path, "nvidia", "cu*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def extension():
+    skip = cuda_build_reason()
+    opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+    cxx = opt + ["-std=c++17", "-fopenmp", f'-DCONVMIXER_TORCH_VERSION="{torch.__version__}"']
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if skip is not None:
+        print(f"convmixer_kernels: building without CUDA kernels ({skip})")
+        return CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"])
+    arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+    cxx += ["-DCONVMIXER_WITH_CUDA", f'-DCONVMIXER_CUDA_ARCH_LIST="{arch}"']
+    nvcc = ["-O0", "-lineinfo"] if DEBUG else ["-O3"]
+    nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler=-g0" if not DEBUG else "-g"]
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    return CUDAExtension("convmixer_kernels._C", sources, include_dirs=cuda_include_dirs(),
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="convmixer-kernels",
+    version="0.1.0",
+    description="Fused GPU and CPU kernels for ConvMixer layers",
+    packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
+    python_requires=">=3.9",
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["convmixer-bench=convmixer_kernels.__main__:bench_entry"]},
+    zip_safe=False,
+)
