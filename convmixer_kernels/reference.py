@@ -18,8 +18,10 @@ the running statistics in place, as ``F.batch_norm`` does).
 implements (see ``convmixer_kernels.backends``): the forward returns the statistics it
 normalised with instead of updating buffers, the backward is written out analytically
 (BatchNorm, activation and convolution backward) and recomputes the
-pre-activation from ``x`` when it was not saved. Normalisation runs in float32
-(float64 for float64 inputs), as PyTorch's BatchNorm kernels do for half inputs.
+pre-activation from ``x`` when it was not saved. Both compute in float32 (float64
+for float64 inputs) whatever the storage dtype, and round once when they store a
+result, as the fused kernels do; the pre-activation is rounded to x's dtype
+before the activation (as the stored copy that backward reads).
 """
 from __future__ import annotations
 
@@ -86,6 +88,15 @@ def _conv(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
                     groups=spec.groups(x))
 
 
+def _preact(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+            sdt: torch.dtype) -> Tensor:
+    """conv(x) + bias accumulated in ``sdt``, stored in x's dtype. The activation and
+    the statistics are computed from this stored value in forward and backward alike,
+    so saving it or recomputing it gives the same gradients."""
+    z = _conv(spec, x.to(sdt), weight.to(sdt), None if bias is None else bias.to(sdt))
+    return z.to(x.dtype)
+
+
 def _normalise(a: Tensor, mean: Tensor, var: Tensor, bn_weight, bn_bias, eps: float) -> Tensor:
     """(a - mean) / sqrt(var + eps) * bn_weight + bn_bias in the statistics' dtype."""
     dt = mean.dtype
@@ -111,14 +122,14 @@ def forward(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     """
     fmt = output_memory_format(x)
     sdt = stats_dtype(x)
-    z = _conv(spec, x, weight, bias)
-    a = _activations.forward(z, activation)
+    z = _preact(spec, x, weight, bias, sdt)
+    a = _activations.forward(z.to(sdt), activation)
     if use_batch_stats:
         var, mean = torch.var_mean(a.to(sdt), dim=(0, 2, 3), correction=0)
     else:
         mean, var = running_mean.to(sdt).clone(), running_var.to(sdt).clone()
-    y = _normalise(a, mean, var, bn_weight, bn_bias, eps).to(x.dtype)
-    out = x + y if spec.residual else y
+    y = _normalise(a, mean, var, bn_weight, bn_bias, eps)
+    out = (x + y if spec.residual else y).to(x.dtype)
     preact = z.contiguous(memory_format=fmt) if save_preact else x.new_empty(0)
     return out.contiguous(memory_format=fmt), mean, var, preact
 
@@ -138,8 +149,7 @@ def backward(spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,
     need_dx, need_dw, need_db, need_dbnw, need_dbnb = (bool(m) for m in output_mask)
     sdt = mean.dtype
     empty = x.new_empty(0)
-    z = preact if preact.numel() > 0 else _conv(spec, x, weight, bias)
-    zs = z.to(sdt)
+    zs = (preact if preact.numel() > 0 else _preact(spec, x, weight, bias, sdt)).to(sdt)
     invstd = torch.rsqrt(var + eps).view(1, -1, 1, 1)
     xhat = (_activations.forward(zs, activation) - mean.view(1, -1, 1, 1)) * invstd
     dy = grad_out.to(sdt)
@@ -154,13 +164,16 @@ def backward(spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,
         da = (g - g_mean - xhat * gx_mean) * invstd
     else:
         da = g * invstd
-    dz = _activations.backward(da, zs, activation).to(x.dtype)
+    # The convolution backward runs in the statistics' dtype (float32 accumulation, as
+    # the fused kernels do); results are rounded once to the parameters' dtypes.
+    dz = _activations.backward(da, zs, activation)
     dx, dw, db = torch.ops.aten.convolution_backward(
-        dz, x, weight, [weight.shape[0]] if need_db else None,
+        dz, x.to(sdt), weight.to(sdt), [weight.shape[0]] if need_db else None,
         list(spec.stride(weight)), list(spec.padding(weight)), [1, 1], False, [0, 0],
         spec.groups(x), [need_dx, need_dw, need_db])
     if need_dx:
-        dx = dx + grad_out if spec.residual else dx
+        dx = (dx + dy if spec.residual else dx).to(x.dtype)
         dx = dx.contiguous(memory_format=output_memory_format(x))
-    return (dx if need_dx else empty, dw.contiguous() if need_dw else empty,
-            db if need_db else empty, dbn_weight, dbn_bias)
+    dw = dw.to(weight.dtype).contiguous() if need_dw else empty
+    db = db.to(weight.dtype) if need_db else empty
+    return dx if need_dx else empty, dw, db, dbn_weight, dbn_bias

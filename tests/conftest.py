@@ -1,0 +1,127 @@
+"""Shared test helpers: seeds, the tolerance table, stock-module oracles."""
+from __future__ import annotations
+
+import copy
+import os
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import convmixer_kernels as ck
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last", "strided")
+
+# One table for tolerances (DESIGN.md section 6). float32/float64: max abs error
+# against the float64 oracle <= RTOL * scale + ATOL (scale = max |oracle|), plus 2x
+# PyTorch's own float32 error (which dominates only in ill-conditioned cases such as
+# BatchNorm over a handful of values, where reductions cancel large terms).
+# float16/bfloat16: error <= 2 x the error of the same PyTorch composite run in that
+# dtype, plus a floor of one unit in the last place at the output scale.
+RTOL = {torch.float64: 1e-10, torch.float32: 5e-5}
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def backends_under_test(device: str = "cpu") -> list[str]:
+    """Every backend that can run on ``device`` in this build (reference always)."""
+    return ck.available_backends(device)
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """A fresh, reproducible seed per test (derived from the test id)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def make_input(shape, dtype, layout: str, requires_grad: bool = False) -> torch.Tensor:
+    """Random input in the requested layout; 'strided' is a non-contiguous view."""
+    if layout == "strided":
+        n, c, h, w = shape
+        base = torch.randn(n, c, h, 2 * w + 1, dtype=torch.float64).to(dtype)
+        x = base[..., 1::2]
+        assert not x.is_contiguous() or x.numel() <= 1
+    else:
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def randomize_(module: nn.Module) -> nn.Module:
+    """Random (non-default) parameters and running statistics for every BatchNorm/conv."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                if m.track_running_stats:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+def max_err(actual: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (actual.double() - oracle.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_close_to_oracle(name: str, actual, oracle, lowp=None) -> None:
+    """The DESIGN.md section 6 rule; prints the errors before asserting."""
+    assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    dtype = actual.dtype
+    err = max_err(actual, oracle)
+    scale = oracle.double().abs().max().item() if oracle.numel() else 0.0
+    lowp_err = max_err(lowp, oracle) if lowp is not None else 0.0
+    detail = f" pytorch_{dtype}_err={lowp_err:.3e}"
+    if dtype in RTOL:
+        # Ill-conditioned cases (BatchNorm over 2 values, say) cancel large terms: there
+        # the 2x rule of the low-precision dtypes applies to float32 too.
+        bound = RTOL[dtype] * scale + ATOL[dtype] + 2 * lowp_err
+    else:
+        bound = 2 * lowp_err + ULP[dtype] * max(scale, 1.0)
+    print(f"{name}: max_err={err:.3e} bound={bound:.3e} scale={scale:.3e}{detail}")
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}{detail}"
+    nan_ok = torch.equal(torch.isnan(actual), torch.isnan(oracle))
+    assert nan_ok, f"{name}: NaN pattern differs from the oracle"
+
+
+def eager_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A stock-module copy of a fused module (same parameters), in ``dtype``."""
+    m = copy.deepcopy(module).to(dtype)
+    return unfuse_(m)
+
+
+def unfuse_(model: nn.Module) -> nn.Module:
+    """Turn fused modules back into the stock classes they were made from (in place)."""
+    from convmixer_kernels.convert import FUSED_TYPES, FusedSequential
+
+    for m in model.modules():
+        if isinstance(m, ck.DepthwiseBlock):
+            m.__class__ = _StockResidual
+        elif isinstance(m, FUSED_TYPES + (FusedSequential,)):
+            m.__class__ = nn.Sequential
+    return model
+
+
+class _StockResidual(nn.Module):
+    """The paper's Residual: fn(x) + x, with stock children."""
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+def grads_of(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"x": x.grad}
+    for name, p in module.named_parameters():
+        out[name] = p.grad
+    return out
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("CONVMIXER_KERNELS_NO_CUDA_TESTS") != "1"

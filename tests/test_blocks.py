@@ -1,0 +1,129 @@
+"""Every fused block against the float64 stock-module oracle, forward and backward.
+
+Grid: dtype x layout x odd shapes x kernel size x train/eval x backend, with the
+activation varying across shapes (all activations are crossed with modes in
+``test_activations``). Each case also checks the running statistics, the output
+dtype and layout, and the gradients of the input and every parameter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import convmixer_kernels as ck
+from convmixer_kernels._activations import ACTIVATIONS
+from convmixer_kernels._spec import output_memory_format
+
+from conftest import (LAYOUTS, assert_close_to_oracle, backends_under_test, eager_copy,
+                      grads_of, make_input, randomize_)
+
+BACKENDS = backends_under_test("cpu")
+# float32 in every layout; each half dtype in one layout per shape (cycled), so the
+# grid covers dtype x layout without multiplying the case count.
+DTYPE_LAYOUTS = [(torch.float32, layout) for layout in LAYOUTS] + [
+    (torch.float16, None), (torch.bfloat16, None)]
+
+
+def pick_layout(layout, index: int) -> str:
+    return LAYOUTS[index % len(LAYOUTS)] if layout is None else layout
+
+
+def build(op: str, cin: int, cout: int, k: int, activation: str) -> torch.nn.Module:
+    if op == "dw_block":
+        return ck.DepthwiseBlock(cin, k, activation)
+    if op == "pw_block":
+        return ck.PointwiseBlock(cin, cout, activation)
+    return ck.PatchEmbed(cin, cout, k, activation)
+
+
+def run_case(op, shape, cout, k, activation, dtype, layout, training, backend):
+    n, cin, h, w = shape
+    fused = randomize_(build(op, cin, cout, k, activation)).to(dtype).train(training)
+    fused.backend = backend
+    oracle = eager_copy(fused, torch.float64)
+    lowp = eager_copy(fused, dtype)
+
+    x = make_input(shape, dtype, layout, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    xl = x.detach().clone().requires_grad_()
+    out, ref, low = fused(x), oracle(x64), lowp(xl)
+
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    assert_close_to_oracle("out", out, ref, low)
+
+    g = torch.randn_like(ref)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    low.backward(g.to(dtype))
+    got, want, lowp_grads = grads_of(fused, x), grads_of(oracle, x64), grads_of(lowp, xl)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] is not None, f"no gradient for {name}"
+        assert got[name].dtype == lowp_grads[name].dtype, name
+        assert_close_to_oracle(f"grad {name}", got[name], want[name], lowp_grads[name])
+
+    for (name, buf), (_, ref_buf), (_, low_buf) in zip(
+            fused.named_buffers(), oracle.named_buffers(), lowp.named_buffers()):
+        if buf.is_floating_point():
+            assert_close_to_oracle(name, buf, ref_buf, low_buf)
+        else:
+            assert torch.equal(buf, ref_buf), name
+
+
+DW_SHAPES = [(8, 1, 1, 1), (2, 3, 7, 7), (2, 17, 13, 7), (1, 64, 32, 32), (3, 17, 1, 13),
+             (2, 3, 32, 13), (1, 17, 7, 13)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=str)
+def test_dw_block(shape, k, dtype, layout, training, backend):
+    i = DW_SHAPES.index(shape)
+    act = ACTIVATIONS[i % len(ACTIVATIONS)]
+    run_case("dw_block", shape, shape[1], k, act, dtype, pick_layout(layout, i + k), training, backend)
+
+
+PW_SHAPES = [((8, 1, 1, 1), 3), ((2, 3, 7, 7), 5), ((2, 17, 13, 7), 17), ((1, 64, 8, 8), 32),
+             ((3, 5, 1, 13), 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
+@pytest.mark.parametrize("shape,cout", PW_SHAPES, ids=str)
+def test_pw_block(shape, cout, dtype, layout, training, backend):
+    i = [s for s, _ in PW_SHAPES].index(shape)
+    act = ACTIVATIONS[i % len(ACTIVATIONS)]
+    run_case("pw_block", shape, cout, 1, act, dtype, pick_layout(layout, i), training, backend)
+
+
+PATCH_SHAPES = [((4, 3, 7, 7), 8, 7), ((2, 3, 13, 17), 16, 4), ((1, 1, 9, 9), 2, 3),
+                ((2, 3, 15, 14), 5, 2), ((2, 4, 5, 5), 3, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
+@pytest.mark.parametrize("shape,cout,patch", PATCH_SHAPES, ids=str)
+def test_patch_embed(shape, cout, patch, dtype, layout, training, backend):
+    i = [s for s, _, _ in PATCH_SHAPES].index(shape)
+    act = ACTIVATIONS[i % len(ACTIVATIONS)]
+    run_case("patch_embed", shape, cout, patch, act, dtype, pick_layout(layout, i), training, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("op", ["dw_block", "pw_block", "patch_embed"])
+def test_activations(op, activation, training, backend):
+    k = {"dw_block": 5, "pw_block": 1, "patch_embed": 2}[op]
+    run_case(op, (2, 6, 10, 9), 6, k, activation, torch.float32, "nchw", training, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 11, 31])
+def test_dw_block_other_kernel_sizes(k, backend):
+    run_case("dw_block", (2, 5, 12, 9), 5, k, "gelu", torch.float32, "nchw", True, backend)
