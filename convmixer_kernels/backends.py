@@ -18,7 +18,6 @@ A backend object implements ``unavailable(op, x)`` (None or a reason) and the
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Optional, Protocol
@@ -140,18 +139,22 @@ def _resolve_eager(requested: str, op: str, x: Tensor) -> str:
     raise AssertionError("the reference backend is always available")
 
 
-@functools.lru_cache(maxsize=None)
-def _constant_resolver():
-    # Built on first use under torch.compile: decorating at import time would import
-    # torch._dynamo (and through it Triton) on `import convmixer_kernels`.
-    return torch.compiler.assume_constant_result(_resolve_eager)
+def _resolve_constant(requested: str, op: str, x: Tensor) -> str:
+    """``_resolve_eager`` as a compile-time constant for torch.compile (no graph break)."""
+    return _resolve_eager(requested, op, x)
+
+
+# What torch.compiler.assume_constant_result(fn) does is set this flag; setting it here
+# keeps `import convmixer_kernels` from importing torch._dynamo (and with it Triton).
+# tests/test_semantics.py compiles with fullgraph=True, so a torch that changes this fails CI.
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(backend: Optional[str], op: str, x: Tensor) -> str:
     """The concrete backend name that will run ``op`` on ``x``."""
     requested = _requested(backend)
     if torch.compiler.is_compiling():
-        return _constant_resolver()(requested, op, x)
+        return _resolve_constant(requested, op, x)
     return _resolve_eager(requested, op, x)
 
 

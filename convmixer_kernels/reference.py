@@ -79,6 +79,11 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 # ---- the backend contract, in PyTorch ------------------------------------------------
 
+def _empty(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A fresh 0-element tensor: the placeholder for a result that was not asked for."""
+    return x.new_empty(0, dtype=dtype)
+
+
 def _per_channel(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).view(1, -1, 1, 1)
 
@@ -148,15 +153,14 @@ def backward(spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,
     """
     need_dx, need_dw, need_db, need_dbnw, need_dbnb = (bool(m) for m in output_mask)
     sdt = mean.dtype
-    empty = x.new_empty(0)
     zs = (preact if preact.numel() > 0 else _preact(spec, x, weight, bias, sdt)).to(sdt)
     invstd = torch.rsqrt(var + eps).view(1, -1, 1, 1)
     xhat = (_activations.forward(zs, activation) - mean.view(1, -1, 1, 1)) * invstd
     dy = grad_out.to(sdt)
-    dbn_weight = (dy * xhat).sum((0, 2, 3)) if need_dbnw else empty.to(sdt)
-    dbn_bias = dy.sum((0, 2, 3)) if need_dbnb else empty.to(sdt)
+    dbn_weight = (dy * xhat).sum((0, 2, 3)) if need_dbnw else _empty(x, sdt)
+    dbn_bias = dy.sum((0, 2, 3)) if need_dbnb else _empty(x, sdt)
     if not (need_dx or need_dw or need_db):
-        return empty, empty, empty, dbn_weight, dbn_bias
+        return _empty(x), _empty(x), _empty(x), dbn_weight, dbn_bias
     g = dy * _per_channel(bn_weight, sdt) if bn_weight is not None else dy
     if use_batch_stats:
         g_mean = g.mean((0, 2, 3), keepdim=True)
@@ -174,6 +178,6 @@ def backward(spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,
     if need_dx:
         dx = (dx + dy if spec.residual else dx).to(x.dtype)
         dx = dx.contiguous(memory_format=output_memory_format(x))
-    dw = dw.to(weight.dtype).contiguous() if need_dw else empty
-    db = db.to(weight.dtype) if need_db else empty
-    return dx if need_dx else empty, dw, db, dbn_weight, dbn_bias
+    dw = dw.to(weight.dtype).contiguous() if need_dw else _empty(x)
+    db = db.to(weight.dtype) if need_db else _empty(x)
+    return dx if need_dx else _empty(x), dw, db, dbn_weight, dbn_bias
