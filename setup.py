@@ -9,6 +9,7 @@ Environment knobs:
   CUDA_HOME                      CUDA toolkit (default /usr/local/cuda)
   MAX_JOBS                       parallel compile jobs (ninja)
   DEBUG=1                        -O0 -g (and -lineinfo for CUDA) instead of -O3 -g0
+  CONVMIXER_KERNELS_PORTABLE=1   no -mavx2 -mfma even where the build machine has them
 """
 import glob
 import os
@@ -52,11 +53,25 @@ def cuda_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def cpu_arch_flags():
+    """AVX2 + FMA when the build machine has them (the extension is built where it runs:
+    `pip install -e .` on each machine). No flag that changes IEEE results (no -ffast-math)."""
+    if os.environ.get("CONVMIXER_KERNELS_PORTABLE") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
 def extension():
     skip = cuda_build_reason()
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     cxx = opt + ["-std=c++17", "-fopenmp", f'-DCONVMIXER_TORCH_VERSION="{torch.__version__}"']
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx += cpu_arch_flags()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if skip is not None:
         print(f"convmixer_kernels: building without CUDA kernels ({skip})")
         return CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx},

@@ -65,8 +65,34 @@ class ReferenceBackend:
         return reference.backward(SPECS[op], *args)
 
 
+class CompiledBackend:
+    """Kernels of the compiled extension: the ops ``convmixer_kernels::{op}_forward_kernel``
+    and ``{op}_backward_kernel``, whose CPU implementations (csrc/cpu) serve the ``cpu``
+    backend and CUDA implementations (csrc/cuda) the ``cuda`` backend."""
+
+    def __init__(self, name: str, device_type: str, dispatch_key: str, what: str):
+        self.name, self.device_type, self.dispatch_key, self.what = name, device_type, dispatch_key, what
+
+    def unavailable(self, op: str, x: Tensor) -> Optional[str]:
+        if x.device.type != self.device_type:
+            return f"it runs on {self.device_type} tensors, got a {x.device.type} tensor"
+        ext = _cpp_lib.status()
+        if ext is not None:
+            return ext
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"convmixer_kernels::{op}_forward_kernel", self.dispatch_key):
+            return f"this build of convmixer_kernels._C has no {self.what} for {op}"
+        return None
+
+    def forward(self, op: str, *args):
+        return getattr(torch.ops.convmixer_kernels, f"{op}_forward_kernel")(*args)
+
+    def backward(self, op: str, *args):
+        return getattr(torch.ops.convmixer_kernels, f"{op}_backward_kernel")(*args)
+
+
 class PendingBackend:
-    """A backend whose kernels are not part of this build yet: it reports why."""
+    """A backend whose kernels are not part of this version yet: it reports why."""
 
     def __init__(self, name: str, device_type: str, what: str):
         self.name, self.device_type, self.what = name, device_type, what
@@ -74,9 +100,6 @@ class PendingBackend:
     def unavailable(self, op: str, x: Tensor) -> Optional[str]:
         if x.device.type != self.device_type:
             return f"it runs on {self.device_type} tensors, got a {x.device.type} tensor"
-        ext = _cpp_lib.status()
-        if self.what.startswith("compiled") and ext is not None:
-            return ext
         return f"this version of convmixer_kernels has no {self.what} for {op} yet"
 
     def forward(self, op: str, *args):
@@ -87,8 +110,8 @@ class PendingBackend:
 
 _REGISTRY: dict[str, Backend] = {
     "reference": ReferenceBackend(),
-    "cpu": PendingBackend("cpu", "cpu", "compiled C++ CPU kernel"),
-    "cuda": PendingBackend("cuda", "cuda", "compiled CUDA kernel"),
+    "cpu": CompiledBackend("cpu", "cpu", "CPU", "C++ CPU kernel"),
+    "cuda": CompiledBackend("cuda", "cuda", "CUDA", "CUDA kernel"),
     "triton": PendingBackend("triton", "cuda", "Triton kernel"),
 }
 

@@ -55,9 +55,25 @@ at::Tensor axpb_cpu(const at::Tensor& x, double a, double b) {
   return out;
 }
 
+// Kernel-level ops behind the `cpu` and `cuda` backends: one schema per block, the
+// CPU implementation in csrc/cpu/, the CUDA one in csrc/cuda/ (dispatch by device).
+// Arguments and results are those of the Python block ops (convmixer_kernels/ops/_block.py)
+// without the `backend` argument; see convmixer_kernels/reference.py for their meaning.
+#define CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, name)                                                  \
+  m.def(name "_forward_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "        \
+             "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, " \
+             "float eps, str activation, bool save_preact) -> (Tensor, Tensor, Tensor, Tensor)");  \
+  m.def(name "_backward_kernel(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "          \
+             "Tensor? bn_weight, Tensor mean, Tensor var, Tensor preact, bool use_batch_stats, "  \
+             "float eps, str activation, bool[] output_mask) "                                     \
+             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
 TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_axpb(Tensor x, float a, float b) -> Tensor");
+  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "dw_block");
+  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "pw_block");
+  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "patch_embed");
 }
 
 TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) { m.impl("_axpb", &axpb_cpu); }

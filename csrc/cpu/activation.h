@@ -1,0 +1,26 @@
+// Activations of the fused CPU kernels, applied to arrays of float32 (the kernels'
+// compute type). One interface for every kernel; the implementation (activation.cpp)
+// is vectorised and accurate to float32 precision.
+#pragma once
+
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <string>
+
+namespace convmixer_kernels {
+namespace cpu {
+
+enum class Act : int { Gelu = 0, GeluTanh = 1, Relu = 2 };
+
+// "gelu" (exact erf), "gelu_tanh", "relu"; anything else raises a c10::Error naming `activation`.
+Act parse_act(const std::string& name);
+
+// a[i] = act(z[i]) for i < n. a may alias z.
+void act_forward(Act act, const float* z, float* a, int64_t n);
+
+// a[i] = act(z[i]) and d[i] = act'(z[i]) for i < n (for backward: xhat needs a, dz needs act').
+void act_forward_deriv(Act act, const float* z, float* a, float* d, int64_t n);
+
+}  // namespace cpu
+}  // namespace convmixer_kernels
