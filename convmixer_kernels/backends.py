@@ -70,8 +70,10 @@ class CompiledBackend:
     and ``{op}_backward_kernel``, whose CPU implementations (csrc/cpu) serve the ``cpu``
     backend and CUDA implementations (csrc/cuda) the ``cuda`` backend."""
 
-    def __init__(self, name: str, device_type: str, dispatch_key: str, what: str):
+    def __init__(self, name: str, device_type: str, dispatch_key: str, what: str,
+                 dtypes: tuple[torch.dtype, ...]):
         self.name, self.device_type, self.dispatch_key, self.what = name, device_type, dispatch_key, what
+        self.dtypes = dtypes
 
     def unavailable(self, op: str, x: Tensor) -> Optional[str]:
         if x.device.type != self.device_type:
@@ -82,6 +84,9 @@ class CompiledBackend:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(
                 f"convmixer_kernels::{op}_forward_kernel", self.dispatch_key):
             return f"this build of convmixer_kernels._C has no {self.what} for {op}"
+        if x.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"its kernels take {names}, got {str(x.dtype).replace('torch.', '')}"
         return None
 
     def forward(self, op: str, *args):
@@ -108,10 +113,11 @@ class PendingBackend:
     backward = forward
 
 
+_HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _REGISTRY: dict[str, Backend] = {
     "reference": ReferenceBackend(),
-    "cpu": CompiledBackend("cpu", "cpu", "CPU", "C++ CPU kernel"),
-    "cuda": CompiledBackend("cuda", "cuda", "CUDA", "CUDA kernel"),
+    "cpu": CompiledBackend("cpu", "cpu", "CPU", "C++ CPU kernel", _HALF_AND_FLOAT),
+    "cuda": CompiledBackend("cuda", "cuda", "CUDA", "CUDA kernel", _HALF_AND_FLOAT),
     "triton": PendingBackend("triton", "cuda", "Triton kernel"),
 }
 
@@ -181,9 +187,10 @@ def resolve(backend: Optional[str], op: str, x: Tensor) -> str:
     return _resolve_eager(requested, op, x)
 
 
-def available_backends(device: str | torch.device = "cpu", op: str = "dw_block") -> list[str]:
-    """Backends that can run ``op`` on a float32 tensor of ``device``."""
-    x = torch.empty(1, 1, 1, 1, device=device)
+def available_backends(device: str | torch.device = "cpu", op: str = "dw_block",
+                       dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that can run ``op`` on a ``dtype`` tensor of ``device``."""
+    x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
     return [n for n in BACKEND_NAMES if _REGISTRY[n].unavailable(op, x) is None]
 
 

@@ -25,9 +25,11 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
-def backends_under_test(device: str = "cpu") -> list[str]:
-    """Every backend that can run on ``device`` in this build (reference always)."""
-    return ck.available_backends(device)
+def backends_under_test(device: str = "cpu", op: str = "dw_block",
+                        dtype: torch.dtype = torch.float32) -> list[str]:
+    """Every backend that can run ``op`` on ``dtype`` tensors of ``device`` in this build
+    (reference always)."""
+    return ck.available_backends(device, op, dtype)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from convmixer_kernels._spec import output_memory_format
 from conftest import (LAYOUTS, assert_close_to_oracle, backends_under_test, eager_copy,
                       grads_of, make_input, randomize_)
 
-BACKENDS = backends_under_test("cpu")
+BACKENDS = {op: backends_under_test("cpu", op) for op in ("dw_block", "pw_block", "patch_embed")}
 # float32 in every layout; each half dtype in one layout per shape (cycled), so the
 # grid covers dtype x layout without multiplying the case count.
 DTYPE_LAYOUTS = [(torch.float32, layout) for layout in LAYOUTS] + [
@@ -71,26 +71,36 @@ def run_case(op, shape, cout, k, activation, dtype, layout, training, backend):
             assert torch.equal(buf, ref_buf), name
 
 
-DW_SHAPES = [(8, 1, 1, 1), (2, 3, 7, 7), (2, 17, 13, 7), (1, 64, 32, 32), (3, 17, 1, 13),
+DW_SHAPES = [(32, 1, 1, 1), (2, 3, 7, 7), (2, 17, 13, 7), (1, 64, 32, 32), (3, 17, 1, 13),
              (2, 3, 32, 13), (1, 17, 7, 13)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
-@pytest.mark.parametrize("k", [3, 5, 7, 9])
-@pytest.mark.parametrize("shape", DW_SHAPES, ids=str)
+def _well_conditioned(shape, dtype, training) -> bool:
+    """Half-precision training on 1x1 planes is left out: with one active tap the batch
+    variance is tiny and BatchNorm's backward amplifies the rounding of the stored
+    pre-activation ~30x, so every implementation's error (PyTorch's too) is noise there.
+    float32 and eval cover those shapes."""
+    return not (training and dtype != torch.float32 and shape[2] * shape[3] == 1)
+
+
+DW_CASES = [(shape, k, dtype, layout, training)
+            for shape in DW_SHAPES for k in (3, 5, 7, 9) for dtype, layout in DTYPE_LAYOUTS
+            for training in (True, False) if _well_conditioned(shape, dtype, training)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["dw_block"])
+@pytest.mark.parametrize("shape,k,dtype,layout,training", DW_CASES, ids=str)
 def test_dw_block(shape, k, dtype, layout, training, backend):
     i = DW_SHAPES.index(shape)
     act = ACTIVATIONS[i % len(ACTIVATIONS)]
     run_case("dw_block", shape, shape[1], k, act, dtype, pick_layout(layout, i + k), training, backend)
 
 
-PW_SHAPES = [((8, 1, 1, 1), 3), ((2, 3, 7, 7), 5), ((2, 17, 13, 7), 17), ((1, 64, 8, 8), 32),
+PW_SHAPES = [((32, 1, 1, 1), 3), ((2, 3, 7, 7), 5), ((2, 17, 13, 7), 17), ((1, 64, 8, 8), 32),
              ((3, 5, 1, 13), 64)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS["pw_block"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
 @pytest.mark.parametrize("shape,cout", PW_SHAPES, ids=str)
@@ -104,7 +114,7 @@ PATCH_SHAPES = [((4, 3, 7, 7), 8, 7), ((2, 3, 13, 17), 16, 4), ((1, 1, 9, 9), 2,
                 ((2, 3, 15, 14), 5, 2), ((2, 4, 5, 5), 3, 1)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS["patch_embed"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
 @pytest.mark.parametrize("shape,cout,patch", PATCH_SHAPES, ids=str)
@@ -114,16 +124,15 @@ def test_patch_embed(shape, cout, patch, dtype, layout, training, backend):
     run_case("patch_embed", shape, cout, patch, act, dtype, pick_layout(layout, i), training, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("op", ["dw_block", "pw_block", "patch_embed"])
+@pytest.mark.parametrize("op,backend", [(op, b) for op, bs in BACKENDS.items() for b in bs + ["auto"]])
 def test_activations(op, activation, training, backend):
     k = {"dw_block": 5, "pw_block": 1, "patch_embed": 2}[op]
     run_case(op, (2, 6, 10, 9), 6, k, activation, torch.float32, "nchw", training, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS["dw_block"])
 @pytest.mark.parametrize("k", [1, 11, 31])
 def test_dw_block_other_kernel_sizes(k, backend):
     run_case("dw_block", (2, 5, 12, 9), 5, k, "gelu", torch.float32, "nchw", True, backend)
