@@ -157,22 +157,23 @@ void conv_plane(const float* P, const Plane& g, const float* wt, float bias, flo
     }
 }
 
-// dw[i * k + j] += sum_{h,w} D[h][w] * P[h + i][w + j] (D unpadded, H x W; accumulated in double).
+// dw[i * k + j] += sum_{h,w} D[h][w] * P[h + i][w + j]; D has rows of round_up(W, WB)
+// floats, zero beyond W, so whole register blocks can be used.
 void wgrad_plane(const float* P, const Plane& g, const float* D, double* dw) {
-  const int64_t k = g.k;
+  const int64_t k = g.k, Wr = g.Wp - 2 * g.p;
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k; ++j) {
-      float acc = 0.f;
-      double total = 0.0;
+      float acc[WB] = {0.f};
       for (int64_t h = 0; h < g.H; ++h) {
         const float* prow = P + (h + i) * g.Wp + j;
-        const float* drow = D + h * g.W;
-        float racc = 0.f;
-#pragma omp simd reduction(+ : racc)
-        for (int64_t w = 0; w < g.W; ++w) racc += drow[w] * prow[w];
-        total += racc;
+        const float* drow = D + h * Wr;
+        for (int64_t w0 = 0; w0 < Wr; w0 += WB) {
+#pragma omp simd
+          for (int64_t v = 0; v < WB; ++v) acc[v] += drow[w0 + v] * prow[w0 + v];
+        }
       }
-      (void)acc;
+      double total = 0.0;
+      for (int64_t v = 0; v < WB; ++v) total += acc[v];
       dw[i * k + j] += total;
     }
 }
@@ -242,16 +243,39 @@ void finalize_stats(const std::vector<double>& pmean, const std::vector<double>&
   }
 }
 
-// Runs fn(tile) for every (n, channel block) tile, in parallel.
+// Scratch buffers of one thread, allocated (and zeroed) once per parallel chunk: padded
+// buffers keep their zero borders because tiles only ever write their interiors.
+struct Workspace {
+  std::vector<float> P, Z, A, D, DY, DZ, OUT;
+  Workspace(const Plane& g, int64_t HW, bool backward)
+      : P(CB * g.size(), 0.f), Z(CB * HW), A(2 * HW, 0.f), D(g.H * (g.Wp - 2 * g.p), 0.f),
+        DY(backward ? CB * HW : 0), DZ(backward ? g.size() : 0, 0.f), OUT(backward ? CB * HW : 0) {}
+};
+
+// Runs fn(tile, workspace) for every (n, channel block) tile, in parallel.
 template <typename Fn>
-void for_each_tile(int64_t N, int64_t C, Fn fn) {
+void for_each_tile(int64_t N, int64_t C, const Plane& g, bool backward, Fn fn) {
   const int64_t blocks = (C + CB - 1) / CB;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(g, g.H * g.W, backward);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, c0 = (t % blocks) * CB;
-      fn(Tile{n, c0, std::min(CB, C - c0)});
+      fn(Tile{n, c0, std::min(CB, C - c0)}, ws);
     }
   });
+}
+
+// Sum and sum of squared deviations of a[0..n) (double, fixed order per build).
+inline void plane_moments(const float* a, int64_t n, double& mean, double& m2) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  mean = s / static_cast<double>(n);
+  const double mu = mean;
+  double q = 0.0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t i = 0; i < n; ++i) q += (a[i] - mu) * (a[i] - mu);
+  m2 = q;
 }
 
 template <typename scalar_t>
@@ -285,8 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   std::vector<double> pmean(N * C), pm2(N * C);
 
   // Pass 1: conv; eval writes out directly, training writes z and per-plane statistics.
-  for_each_tile(N, C, [&](const Tile& t) {
-    std::vector<float> P(t.cb * g.size(), 0.f), Z(t.cb * HW), A(HW);
+  for_each_tile(N, C, g, false, [&](const Tile& t, Workspace& ws) {
+    std::vector<float>&P = ws.P, &Z = ws.Z, &A = ws.A;
     read_tile(xp, sx, t, H, W, P.data(), g.size(), g.interior(0), g.Wp);
     for (int64_t cc = 0; cc < t.cb; ++cc) {
       const int64_t c = t.c0 + cc;
@@ -295,13 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       for (int64_t i = 0; i < HW; ++i) z[i] = round_to<scalar_t>(z[i]);
       act_forward(act, z, A.data(), HW);
       if (use_batch_stats) {
-        double s = 0.0;
-        for (int64_t i = 0; i < HW; ++i) s += A[i];
-        const double mu = s / static_cast<double>(HW);
-        double m2 = 0.0;
-        for (int64_t i = 0; i < HW; ++i) m2 += (A[i] - mu) * (A[i] - mu);
-        pmean[t.n * C + c] = mu;
-        pm2[t.n * C + c] = m2;
+        plane_moments(A.data(), HW, pmean[t.n * C + c], pm2[t.n * C + c]);
       } else {  // eval: Z becomes the output tile (after preact is written below)
         const float* xin = P.data() + cc * g.size();
         if (!save_preact) {
@@ -331,8 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   finalize_stats(pmean, pm2, N, C, HW, mean, var);
   aff = make_affine(mean, var, bn_weight, bn_bias, eps);
   // Pass 2: out = x + act(z) * scale + shift.
-  for_each_tile(N, C, [&](const Tile& t) {
-    std::vector<float> X(t.cb * HW), Z(t.cb * HW);
+  for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
+    std::vector<float>&X = ws.OUT, &Z = ws.Z;
     read_tile(xp, sx, t, H, W, X.data(), HW, 0, W);
     read_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z.data(), HW, 0, W);
     for (int64_t cc = 0; cc < t.cb; ++cc) {
@@ -356,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& preact_in, bool use_batch_stats, double eps, Act act, const std::vector<bool>& mask) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
-  const int64_t k = g.k, kk = k * k;
+  const int64_t k = g.k, kk = k * k, Wr = g.Wp - 2 * g.p;
   const at::Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
   const Affine aff = make_affine(mean, var, bn_weight, c10::nullopt, eps);
   const at::Tensor wt = weight.to(at::kFloat).contiguous();
@@ -392,8 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
   // Pass 1: per-plane sums of dy and dy * xhat.
   std::vector<double> psum_dy(N * C), psum_dyx(N * C);
-  for_each_tile(N, C, [&](const Tile& t) {
-    std::vector<float> P(t.cb * g.size(), 0.f), Z(t.cb * HW), DY(t.cb * HW);
+  for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
+    std::vector<float>&P = ws.P, &Z = ws.Z, &DY = ws.DY;
     load_xz(t, P, Z);
     read_tile(gp, sg, t, H, W, DY.data(), HW, 0, W);
     for (int64_t cc = 0; cc < t.cb; ++cc) {
@@ -401,10 +419,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       float* z = Z.data() + cc * HW;
       const float* dy = DY.data() + cc * HW;
       act_forward(act, z, z, HW);
+      const float mu = mp[c], invstd = aff.invstd[c];
       double s = 0.0, sx2 = 0.0;
+#pragma omp simd reduction(+ : s, sx2)
       for (int64_t i = 0; i < HW; ++i) {
         s += dy[i];
-        sx2 += static_cast<double>(dy[i]) * ((z[i] - mp[c]) * aff.invstd[c]);
+        sx2 += static_cast<double>(dy[i] * ((z[i] - mu) * invstd));
       }
       psum_dy[t.n * C + c] = s;
       psum_dyx[t.n * C + c] = sx2;
@@ -422,29 +442,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const double count = static_cast<double>(N * HW);
   if (need_dx || need_dw || need_db) {
     const Strides4 sdx(need_dx ? dx : x);
-    for_each_tile(N, C, [&](const Tile& t) {
-      std::vector<float> P(t.cb * g.size(), 0.f), Z(t.cb * HW), DY(t.cb * HW), D(HW), A(HW),
-          DZ(g.size(), 0.f), OUT(t.cb * HW);
+    for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
+      std::vector<float>&P = ws.P, &Z = ws.Z, &DY = ws.DY, &D = ws.D, &A = ws.A, &DZ = ws.DZ, &OUT = ws.OUT;
       load_xz(t, P, Z);
       read_tile(gp, sg, t, H, W, DY.data(), HW, 0, W);
+      float* Dtmp = A.data() + HW;  // A holds 2 * HW floats: activation, then act'
       for (int64_t cc = 0; cc < t.cb; ++cc) {
         const int64_t c = t.c0 + cc;
         const float* z = Z.data() + cc * HW;
         const float* dy = DY.data() + cc * HW;
-        act_forward_deriv(act, z, A.data(), D.data(), HW);
+        act_forward_deriv(act, z, A.data(), Dtmp, HW);
+        for (int64_t h = 0; h < H; ++h) std::copy(Dtmp + h * W, Dtmp + (h + 1) * W, D.data() + h * Wr);
         const float invstd = aff.invstd[c], gamma = aff.gamma[c], mu = mp[c];
         const float mdy = use_batch_stats ? static_cast<float>(sum_dy[c] / count) : 0.f;
         const float mdyx = use_batch_stats ? static_cast<float>(sum_dyx[c] / count) : 0.f;
         // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+        const float s1 = gamma * invstd;
         double db = 0.0;
         for (int64_t h = 0; h < H; ++h) {
           float* dzrow = DZ.data() + g.interior(h);
+          float* drow = D.data() + h * Wr;  // dz rows, zero beyond W, for wgrad
+          const float* arow = A.data() + h * W;
+          const float* dyrow = dy + h * W;
+#pragma omp simd reduction(+ : db)
           for (int64_t w = 0; w < W; ++w) {
-            const int64_t i = h * W + w;
-            const float xhat = (A[i] - mu) * invstd;
-            const float dz = D[i] * gamma * invstd * (dy[i] - mdy - xhat * mdyx);
+            const float xhat = (arow[w] - mu) * invstd;
+            const float dz = drow[w] * s1 * (dyrow[w] - mdy - xhat * mdyx);
             dzrow[w] = dz;
-            D[i] = dz;
+            drow[w] = dz;
             db += dz;
           }
         }

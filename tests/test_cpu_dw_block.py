@@ -1,0 +1,105 @@
+"""The C++ depthwise-block kernels (cpu backend) against the reference backend directly:
+forward and backward ops, saved or recomputed pre-activation, output masks, layouts,
+and determinism across thread counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import convmixer_kernels as ck
+from convmixer_kernels import _cpp_lib, reference
+from convmixer_kernels._spec import DW_BLOCK, output_memory_format
+
+from conftest import make_input
+
+pytestmark = pytest.mark.skipif(
+    _cpp_lib.status() is not None or "cpu" not in ck.available_backends("cpu", "dw_block"),
+    reason=f"cpu backend unavailable: {_cpp_lib.status()}")
+
+CPU = ck.backends.get("cpu")
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to the output scale
+
+
+def args_for(shape, k, dtype, layout, training, save_preact, activation="gelu"):
+    n, c, h, w = shape
+    x = make_input(shape, dtype, layout)
+    wt = (torch.randn(c, 1, k, k) / k).to(dtype)
+    b = torch.randn(c).to(dtype)
+    bw, bb = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = (None, None) if training else (torch.randn(c), torch.rand(c) + 0.5)
+    return (x, wt, b, bw, bb, rm, rv, training, 1e-5, activation, save_preact)
+
+
+def close(name, got, want, dtype):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if want.numel() == 0:
+        return
+    scale = want.float().abs().max().item() + 1e-12
+    err = (got.float() - want.float()).abs().max().item()
+    print(f"{name}: err={err:.3e} scale={scale:.3e}")
+    assert err <= TOL[dtype] * max(scale, 1.0), f"{name}: {err:.3e} > {TOL[dtype]} x {scale:.3e}"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 19, 9, 13), 5), ((1, 3, 32, 32), 3), ((2, 17, 33, 5), 9)],
+                         ids=str)
+def test_forward_backward_match_reference(shape, k, dtype, layout, training, save_preact, activation):
+    args = args_for(shape, k, dtype, layout, training, save_preact, activation)
+    got = CPU.forward("dw_block", *args)
+    want = reference.forward(DW_BLOCK, *args)
+    for name, g, w in zip(("out", "mean", "var", "preact"), got, want):
+        close(name, g, w, dtype)
+    assert got[0].is_contiguous(memory_format=output_memory_format(args[0]))
+    out, mean, var, preact = want
+    grad = make_input(out.shape, dtype, "channels_last" if layout == "nchw" else "nchw")
+    bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation,
+             [True] * 5)
+    got_b = CPU.backward("dw_block", *bargs)
+    want_b = reference.backward(DW_BLOCK, *bargs)
+    for name, g, w in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), got_b, want_b):
+        close(name, g, w, dtype)
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
+                                  [False, False, False, True, True], [False] * 5])
+def test_backward_output_mask(mask):
+    args = args_for((2, 5, 7, 6), 3, torch.float32, "nchw", True, True)
+    out, mean, var, preact = reference.forward(DW_BLOCK, *args)
+    bargs = (torch.randn_like(out), *args[:4], mean, var, preact, True, 1e-5, "gelu", mask)
+    got = CPU.backward("dw_block", *bargs)
+    want = reference.backward(DW_BLOCK, *bargs)
+    for m, g, w in zip(mask, got, want):
+        assert (g.numel() > 0) == m
+        close("masked", g, w, torch.float32)
+    ptrs = [g.data_ptr() for g in got if g.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_deterministic_across_thread_counts():
+    """Reductions run per (n, c) plane and then over n in a fixed order."""
+    args = args_for((4, 32, 16, 16), 7, torch.float32, "nchw", True, True)
+    out, mean, var, preact = CPU.forward("dw_block", *args)
+    bargs = (torch.randn_like(out), *args[:4], mean, var, preact, True, 1e-5, "gelu", [True] * 5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append((CPU.forward("dw_block", *args), CPU.backward("dw_block", *bargs)))
+    finally:
+        torch.set_num_threads(threads)
+    for fwd, bwd in results[1:]:
+        for a, b in zip(fwd + bwd, results[0][0] + results[0][1]):
+            assert torch.equal(a, b)
+
+
+def test_rejects_what_it_cannot_run():
+    args = args_for((2, 3, 5, 5), 3, torch.float32, "nchw", True, False)
+    with pytest.raises(RuntimeError, match="float64 runs on the reference backend"):
+        torch.ops.convmixer_kernels.dw_block_forward_kernel(args[0].double(), args[1].double(), *args[2:])
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.convmixer_kernels.dw_block_forward_kernel(*args[:9], "swish", False)
