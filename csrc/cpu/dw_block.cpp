@@ -112,49 +112,60 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
     }
 }
 
-// One register block: acc[0..WB) = bias + sum_{i,j} P[h + i][w0 + v + j] * wt[i * k + j].
+// Register block of ROWS output rows x WB columns:
+// acc[r * WB + v] = bias + sum_{i,j} P[h + r + i][w0 + v + j] * wt[i * k + j].
+// Two rows give 8 independent FMA chains: enough to hide the FMA latency on AVX2 cores.
+template <int ROWS>
 inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, float bias,
                        int64_t h, int64_t w0, float* acc) {
 #if defined(__AVX2__) && defined(__FMA__)
-  static_assert(WB == 32, "the AVX2 block holds 4 vectors of 8 floats");
-  __m256 a0 = _mm256_set1_ps(bias), a1 = a0, a2 = a0, a3 = a0;
+  static_assert(WB == 32, "the AVX2 block holds 4 vectors of 8 floats per row");
+  __m256 a[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_set1_ps(bias);
   for (int64_t i = 0; i < k; ++i) {
     const float* row = P + (h + i) * Wp + w0;
     const float* wrow = wt + i * k;
     for (int64_t j = 0; j < k; ++j) {
       const __m256 wv = _mm256_broadcast_ss(wrow + j);
-      const float* r = row + j;
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r), wv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 8), wv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 16), wv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 24), wv, a3);
+      for (int r = 0; r < ROWS; ++r) {
+        const float* rr = row + r * Wp + j;
+        for (int v = 0; v < 4; ++v) a[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(rr + 8 * v), wv, a[r][v]);
+      }
     }
   }
-  _mm256_storeu_ps(acc, a0);
-  _mm256_storeu_ps(acc + 8, a1);
-  _mm256_storeu_ps(acc + 16, a2);
-  _mm256_storeu_ps(acc + 24, a3);
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * WB + 8 * v, a[r][v]);
 #else
-  for (int64_t v = 0; v < WB; ++v) acc[v] = bias;
-  for (int64_t i = 0; i < k; ++i) {
-    const float* row = P + (h + i) * Wp + w0;
-    for (int64_t j = 0; j < k; ++j) {
-      const float wv = wt[i * k + j];
+  for (int64_t v = 0; v < ROWS * WB; ++v) acc[v] = bias;
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t i = 0; i < k; ++i) {
+      const float* row = P + (h + r + i) * Wp + w0;
+      for (int64_t j = 0; j < k; ++j) {
+        const float wv = wt[i * k + j];
 #pragma omp simd
-      for (int64_t v = 0; v < WB; ++v) acc[v] += row[v + j] * wv;
+        for (int64_t v = 0; v < WB; ++v) acc[r * WB + v] += row[v + j] * wv;
+      }
     }
-  }
 #endif
 }
 
 // out[h * W + w] = bias + sum_{i,j} P[h + i][w + j] * wt[i * k + j]: 'same' conv of one padded plane.
 void conv_plane(const float* P, const Plane& g, const float* wt, float bias, float* out) {
-  float acc[WB];
-  for (int64_t h = 0; h < g.H; ++h)
-    for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
-      conv_block(P, g.Wp, g.k, wt, bias, h, w0, acc);
-      std::copy(acc, acc + std::min(WB, g.W - w0), out + h * g.W + w0);
+  float acc[2 * WB];
+  for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
+    const int64_t nw = std::min(WB, g.W - w0);
+    int64_t h = 0;
+    for (; h + 2 <= g.H; h += 2) {
+      conv_block<2>(P, g.Wp, g.k, wt, bias, h, w0, acc);
+      std::copy(acc, acc + nw, out + h * g.W + w0);
+      std::copy(acc + WB, acc + WB + nw, out + (h + 1) * g.W + w0);
     }
+    if (h < g.H) {
+      conv_block<1>(P, g.Wp, g.k, wt, bias, h, w0, acc);
+      std::copy(acc, acc + nw, out + h * g.W + w0);
+    }
+  }
 }
 
 // dw[i * k + j] += sum_{h,w} D[h][w] * P[h + i][w + j]; D has rows of round_up(W, WB)
