@@ -3,11 +3,12 @@
 // registered as the CPU implementation of convmixer_kernels::dw_block_{forward,backward}_kernel
 // (schemas in csrc/extension.cpp, semantics in convmixer_kernels/reference.py).
 //
-// Work unit: a tile of CB channels of one image. Each tile is read once, in the loop
-// order its strides favour (NCHW rows, or CB contiguous channels per pixel for
-// channels_last; any strided view works), into zero-padded float32 planes that stay in
-// L2; the k x k taps then run branch-free over each plane, vectorised along W with WB
-// outputs held in registers across all taps (AVX2+FMA where the build machine has it).
+// Work unit: a tile of CB = 8 channels of one image. Each tile is read once, in the loop
+// order its strides favour (8 contiguous channels per pixel for channels_last, rows for
+// NCHW; any strided view works), into a zero-padded, channel-interleaved float32 buffer
+// that stays in L1/L2, so one AVX2 vector holds the 8 channels of a pixel. The k x k taps
+// then run branch-free over it with 2 rows x 4 pixels of outputs in registers (taps
+// unrolled for k = 3, 5, 7, 9; a run-time loop for other k).
 // Results go back through the same layout-aware tile writer. Statistics and weight
 // gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
 // not depend on the number of threads (deterministic for a given input).
@@ -28,20 +29,22 @@ namespace convmixer_kernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t WB = 32;  // outputs per register block along W (4 AVX2 vectors)
-constexpr int64_t CB = 16;  // channels per tile
+constexpr int64_t CB = 8;  // channels per tile: one AVX2 vector of float32
+constexpr int64_t PX = 4;  // output pixels per register block along W
 
-// Geometry of one padded plane buffer.
+// Tile buffers are channel-interleaved: element (h, w, cc) of a tile buffer with row
+// stride `rs` pixels lives at ((h * rs) + w) * CB + cc, so one vector holds the CB
+// channels of a pixel and every tap is an aligned load.
 struct Plane {
   int64_t H, W, k, p;
-  int64_t Wp;  // row stride: round_up(W, WB) + 2p (register blocks may read past W)
-  int64_t Hp;  // rows: H + 2p
+  int64_t Wp;  // pixels per padded row: round_up(W, PX) + 2p (register blocks may read past W)
+  int64_t Hp;  // padded rows: H + 2p
   Plane(int64_t H_, int64_t W_, int64_t k_) : H(H_), W(W_), k(k_), p(k_ / 2) {
-    Wp = (W + WB - 1) / WB * WB + 2 * p;
+    Wp = (W + PX - 1) / PX * PX + 2 * p;
     Hp = H + 2 * p;
   }
-  int64_t size() const { return Hp * Wp; }
-  int64_t interior(int64_t h) const { return (h + p) * Wp + p; }  // offset of element (h, 0)
+  int64_t size() const { return Hp * Wp * CB; }                      // floats of a padded buffer
+  int64_t interior() const { return (p * Wp + p) * CB; }            // offset of element (0, 0)
 };
 
 struct Strides4 {
@@ -49,8 +52,7 @@ struct Strides4 {
   explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
 
-// A tile: channels [c0, c0 + cb) of image n; plane cc of a tile buffer starts at cc * plane,
-// element (h, w) of it at offset(h) + w.
+// A tile: channels [c0, c0 + cb) of image n (cb <= CB; missing channels are zeros).
 struct Tile {
   int64_t n, c0, cb;
 };
@@ -60,150 +62,169 @@ inline float round_to(float v) {  // the value a float32 has once stored in scal
   return static_cast<float>(static_cast<scalar_t>(v));
 }
 
-// dst[cc * plane + row0 + h * rs + w] = src[n, c0 + cc, h, w] for the tile.
+// dst[((h * rs) + w) * CB + cc] (+ off) = src[n, c0 + cc, h, w].
 template <typename scalar_t>
 void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H, int64_t W, float* dst,
-               int64_t plane, int64_t row0, int64_t rs) {
+               int64_t rs) {
   const scalar_t* base = src + t.n * s.n + t.c0 * s.c;
-  if (s.c == 1 && s.w != 1) {  // channels_last: CB contiguous channels per pixel
+  if (s.c == 1 && t.cb == CB) {  // channels_last: CB contiguous channels per pixel
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         const scalar_t* px = base + h * s.h + w * s.w;
-        float* d = dst + row0 + h * rs + w;
-        for (int64_t cc = 0; cc < t.cb; ++cc) d[cc * plane] = static_cast<float>(px[cc]);
+        float* d = dst + (h * rs + w) * CB;
+#pragma omp simd
+        for (int64_t cc = 0; cc < CB; ++cc) d[cc] = static_cast<float>(px[cc]);
       }
     return;
   }
   for (int64_t cc = 0; cc < t.cb; ++cc)
     for (int64_t h = 0; h < H; ++h) {
       const scalar_t* in = base + cc * s.c + h * s.h;
-      float* d = dst + cc * plane + row0 + h * rs;
-      if (s.w == 1) {
-        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<float>(in[w]);
-      } else {
-        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<float>(in[w * s.w]);
-      }
+      float* d = dst + h * rs * CB + cc;
+      for (int64_t w = 0; w < W; ++w) d[w * CB] = static_cast<float>(in[w * s.w]);
     }
 }
 
-// The inverse of read_tile (rounding to scalar_t).
+// The inverse of read_tile (rounding to scalar_t); only the tile's cb channels are written.
 template <typename scalar_t>
 void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int64_t W, const float* src,
-                int64_t plane, int64_t row0, int64_t rs) {
+                int64_t rs) {
   scalar_t* base = dst + t.n * s.n + t.c0 * s.c;
-  if (s.c == 1 && s.w != 1) {
+  if (s.c == 1 && t.cb == CB) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         scalar_t* px = base + h * s.h + w * s.w;
-        const float* v = src + row0 + h * rs + w;
-        for (int64_t cc = 0; cc < t.cb; ++cc) px[cc] = static_cast<scalar_t>(v[cc * plane]);
+        const float* v = src + (h * rs + w) * CB;
+#pragma omp simd
+        for (int64_t cc = 0; cc < CB; ++cc) px[cc] = static_cast<scalar_t>(v[cc]);
       }
     return;
   }
   for (int64_t cc = 0; cc < t.cb; ++cc)
     for (int64_t h = 0; h < H; ++h) {
       scalar_t* out = base + cc * s.c + h * s.h;
-      const float* v = src + cc * plane + row0 + h * rs;
-      if (s.w == 1) {
-        for (int64_t w = 0; w < W; ++w) out[w] = static_cast<scalar_t>(v[w]);
-      } else {
-        for (int64_t w = 0; w < W; ++w) out[w * s.w] = static_cast<scalar_t>(v[w]);
-      }
+      const float* v = src + h * rs * CB + cc;
+      for (int64_t w = 0; w < W; ++w) out[w * s.w] = static_cast<scalar_t>(v[w * CB]);
     }
 }
 
-// Register block of ROWS output rows x WB columns:
-// acc[r * WB + v] = bias + sum_{i,j} P[h + r + i][w0 + v + j] * wt[i * k + j].
-// Two rows give 8 independent FMA chains: enough to hide the FMA latency on AVX2 cores.
-template <int ROWS>
-inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, float bias,
-                       int64_t h, int64_t w0, float* acc) {
+// A vector of CB floats: AVX2 where the build has it, else a plain array the compiler vectorises.
 #if defined(__AVX2__) && defined(__FMA__)
-  static_assert(WB == 32, "the AVX2 block holds 4 vectors of 8 floats per row");
-  __m256 a[ROWS][4];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_set1_ps(bias);
-  for (int64_t i = 0; i < k; ++i) {
-    const float* row = P + (h + i) * Wp + w0;
-    const float* wrow = wt + i * k;
-    for (int64_t j = 0; j < k; ++j) {
-      const __m256 wv = _mm256_broadcast_ss(wrow + j);
-      for (int r = 0; r < ROWS; ++r) {
-        const float* rr = row + r * Wp + j;
-        for (int v = 0; v < 4; ++v) a[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(rr + 8 * v), wv, a[r][v]);
-      }
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * WB + 8 * v, a[r][v]);
+struct V8 {
+  __m256 v;
+};
+inline V8 vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void vstore(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
+inline V8 vfma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline V8 vzero() { return {_mm256_setzero_ps()}; }
 #else
-  for (int64_t v = 0; v < ROWS * WB; ++v) acc[v] = bias;
+struct V8 {
+  float v[CB];
+};
+inline V8 vload(const float* p) { V8 r; for (int i = 0; i < CB; ++i) r.v[i] = p[i]; return r; }
+inline void vstore(float* p, V8 a) { for (int i = 0; i < CB; ++i) p[i] = a.v[i]; }
+inline V8 vfma(V8 a, V8 b, V8 c) { V8 r; for (int i = 0; i < CB; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i]; return r; }
+inline V8 vzero() { V8 r; for (int i = 0; i < CB; ++i) r.v[i] = 0.f; return r; }
+#endif
+
+// Register block: 2 output rows x PX pixels x CB channels (8 independent FMA chains).
+// out(h + r, w0 + q) = bias + sum_{i,j} P(h + r + i, w0 + q + j) * wt(i, j); K > 0 is the
+// kernel size as a compile-time constant (taps fully unrolled, so overlapping loads of
+// neighbouring taps are shared), K == 0 the generic run-time loop.
+template <int K, int ROWS>
+inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, V8 bias, int64_t h,
+                       int64_t w0, float* out, int64_t out_rs, int64_t nw) {
+  const int64_t kk = K > 0 ? K : k;
+  V8 acc[ROWS][PX];
   for (int r = 0; r < ROWS; ++r)
-    for (int64_t i = 0; i < k; ++i) {
-      const float* row = P + (h + r + i) * Wp + w0;
-      for (int64_t j = 0; j < k; ++j) {
-        const float wv = wt[i * k + j];
-#pragma omp simd
-        for (int64_t v = 0; v < WB; ++v) acc[r * WB + v] += row[v + j] * wv;
+    for (int q = 0; q < PX; ++q) acc[r][q] = bias;
+  for (int64_t i = 0; i < kk; ++i) {
+    const float* wrow = wt + i * kk * CB;
+    for (int64_t j = 0; j < kk; ++j) {
+      const V8 wv = vload(wrow + j * CB);
+      for (int r = 0; r < ROWS; ++r) {
+        const float* in = P + ((h + r + i) * Wp + w0 + j) * CB;
+        for (int q = 0; q < PX; ++q) acc[r][q] = vfma(vload(in + q * CB), wv, acc[r][q]);
       }
     }
-#endif
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < nw; ++q) vstore(out + ((h + r) * out_rs + w0 + q) * CB, acc[r][q]);
 }
 
-// out[h * W + w] = bias + sum_{i,j} P[h + i][w + j] * wt[i * k + j]: 'same' conv of one padded plane.
-void conv_plane(const float* P, const Plane& g, const float* wt, float bias, float* out) {
-  float acc[2 * WB];
-  for (int64_t w0 = 0; w0 < g.W; w0 += WB) {
-    const int64_t nw = std::min(WB, g.W - w0);
-    int64_t h = 0;
-    for (; h + 2 <= g.H; h += 2) {
-      conv_block<2>(P, g.Wp, g.k, wt, bias, h, w0, acc);
-      std::copy(acc, acc + nw, out + h * g.W + w0);
-      std::copy(acc + WB, acc + WB + nw, out + (h + 1) * g.W + w0);
-    }
-    if (h < g.H) {
-      conv_block<1>(P, g.Wp, g.k, wt, bias, h, w0, acc);
-      std::copy(acc, acc + nw, out + h * g.W + w0);
-    }
+// out (H x W x CB, row stride out_rs) = 'same' conv of the padded tile buffer P with the
+// packed weights wt (k*k x CB) plus bias.
+template <int K>
+void conv_tile_k(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
+  const V8 b = vload(bias);
+  // Row pairs outer, pixels inner: the k + 1 input rows a pair reads stay in L1 while it
+  // sweeps W, and k - 1 of them are reused by the next pair.
+  int64_t h = 0;
+  for (; h + 2 <= g.H; h += 2)
+    for (int64_t w0 = 0; w0 < g.W; w0 += PX)
+      conv_block<K, 2>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX, g.W - w0));
+  if (h < g.H)
+    for (int64_t w0 = 0; w0 < g.W; w0 += PX)
+      conv_block<K, 1>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX, g.W - w0));
+}
+
+void conv_tile(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
+  switch (g.k) {  // common kernel sizes unrolled; the rest through the generic loop
+    case 3: return conv_tile_k<3>(P, g, wt, bias, out, out_rs);
+    case 5: return conv_tile_k<5>(P, g, wt, bias, out, out_rs);
+    case 7: return conv_tile_k<7>(P, g, wt, bias, out, out_rs);
+    case 9: return conv_tile_k<9>(P, g, wt, bias, out, out_rs);
+    default: return conv_tile_k<0>(P, g, wt, bias, out, out_rs);
   }
 }
 
-// dw[i * k + j] += sum_{h,w} D[h][w] * P[h + i][w + j]; D has rows of round_up(W, WB)
-// floats, zero beyond W, so whole register blocks can be used.
-void wgrad_plane(const float* P, const Plane& g, const float* D, double* dw) {
-  const int64_t k = g.k, Wr = g.Wp - 2 * g.p;
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j) {
-      float acc[WB] = {0.f};
-      for (int64_t h = 0; h < g.H; ++h) {
-        const float* prow = P + (h + i) * g.Wp + j;
-        const float* drow = D + h * Wr;
-        for (int64_t w0 = 0; w0 < Wr; w0 += WB) {
-#pragma omp simd
-          for (int64_t v = 0; v < WB; ++v) acc[v] += drow[w0 + v] * prow[w0 + v];
-        }
-      }
-      double total = 0.0;
-      for (int64_t v = 0; v < WB; ++v) total += acc[v];
-      dw[i * k + j] += total;
+// dw(i, j) += sum_{h,w} D(h, w) * P(h + i, w + j) per channel, for taps j in [j0, j0 + J),
+// J accumulators in registers; D is H x W x CB (row stride W), P the padded input.
+template <int J>
+void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64_t j0, double* dw) {
+  V8 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = vzero();
+  for (int64_t h = 0; h < g.H; ++h) {
+    const float* prow = P + ((h + i) * g.Wp + j0) * CB;
+    const float* drow = D + h * g.W * CB;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const V8 d = vload(drow + w * CB);
+      for (int j = 0; j < J; ++j) acc[j] = vfma(d, vload(prow + (w + j) * CB), acc[j]);
     }
+  }
+  for (int j = 0; j < J; ++j) {
+    float tmp[CB];
+    vstore(tmp, acc[j]);
+    for (int cc = 0; cc < CB; ++cc) dw[((i * g.k) + j0 + j) * CB + cc] += tmp[cc];
+  }
 }
 
-// Per-channel normalisation as an affine map of the activation: y = a * scale + shift.
+void wgrad_tile(const float* P, const Plane& g, const float* D, double* dw) {
+  for (int64_t i = 0; i < g.k; ++i) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= g.k; j0 += 8) wgrad_taps<8>(P, g, D, i, j0, dw);
+    for (; j0 + 4 <= g.k; j0 += 4) wgrad_taps<4>(P, g, D, i, j0, dw);
+    for (; j0 < g.k; ++j0) wgrad_taps<1>(P, g, D, i, j0, dw);
+  }
+}
+
+// Per-channel vectors padded to whole tiles (blocks * CB entries, zeros past C).
 struct Affine {
-  std::vector<float> scale, shift, invstd, gamma;
+  std::vector<float> scale, shift, invstd, gamma, mean;
 };
 
 Affine make_affine(const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& bn_w,
-                   const c10::optional<at::Tensor>& bn_b, double eps) {
+                   const c10::optional<at::Tensor>& bn_b, double eps, int64_t padded) {
   const int64_t C = mean.numel();
   Affine a;
-  a.scale.resize(C);
-  a.shift.resize(C);
-  a.invstd.resize(C);
-  a.gamma.resize(C);
-  const float* m = mean.data_ptr<float>();
-  const float* v = var.data_ptr<float>();
+  a.scale.assign(padded, 0.f);
+  a.shift.assign(padded, 0.f);
+  a.invstd.assign(padded, 0.f);
+  a.gamma.assign(padded, 0.f);
+  a.mean.assign(padded, 0.f);
+  const at::Tensor mf = mean.to(at::kFloat).contiguous(), vf = var.to(at::kFloat).contiguous();
+  const float* m = mf.data_ptr<float>();
+  const float* v = vf.data_ptr<float>();
   at::Tensor wf = bn_w.has_value() ? bn_w->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bf = bn_b.has_value() ? bn_b->to(at::kFloat).contiguous() : at::Tensor();
   for (int64_t c = 0; c < C; ++c) {
@@ -212,10 +233,31 @@ Affine make_affine(const at::Tensor& mean, const at::Tensor& var, const c10::opt
     const float beta = bf.defined() ? bf.data_ptr<float>()[c] : 0.0f;
     a.invstd[c] = invstd;
     a.gamma[c] = gamma;
+    a.mean[c] = m[c];
     a.scale[c] = invstd * gamma;
     a.shift[c] = beta - m[c] * invstd * gamma;
   }
   return a;
+}
+
+// Weights packed per tile: (blocks, k*k, CB) float32, zeros for missing channels; `flip`
+// rotates the kernel by 180 degrees (the input gradient is a 'same' conv with it).
+at::Tensor pack_weights(const at::Tensor& weight, int64_t C, int64_t k, bool flip) {
+  const int64_t blocks = (C + CB - 1) / CB, kk = k * k;
+  at::Tensor wf = weight.to(at::kFloat).reshape({C, kk});
+  if (flip) wf = wf.flip({1});
+  at::Tensor full = at::zeros({blocks * CB, kk}, wf.options());
+  full.narrow(0, 0, C).copy_(wf);
+  return full.view({blocks, CB, kk}).transpose(1, 2).contiguous();
+}
+
+std::vector<float> pad_channels(const c10::optional<at::Tensor>& t, int64_t C, int64_t padded) {
+  std::vector<float> out(padded, 0.f);
+  if (t.has_value()) {
+    const at::Tensor f = t->to(at::kFloat).contiguous();
+    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out.begin());
+  }
+  return out;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* where) {
@@ -234,8 +276,8 @@ at::MemoryFormat output_format(const at::Tensor& x) {
                                                                                : at::MemoryFormat::Contiguous;
 }
 
-// Per-plane mean and M2 (sum of squared deviations) combined over n in a fixed order
-// (Chan et al.), giving per-channel batch mean and biased variance.
+// Per-(n, c) mean and M2 combined over n in a fixed order (Chan et al.): batch mean and
+// biased variance per channel.
 void finalize_stats(const std::vector<double>& pmean, const std::vector<double>& pm2, int64_t N, int64_t C,
                     int64_t count, at::Tensor& mean, at::Tensor& var) {
   float* m = mean.data_ptr<float>();
@@ -258,35 +300,43 @@ void finalize_stats(const std::vector<double>& pmean, const std::vector<double>&
 // buffers keep their zero borders because tiles only ever write their interiors.
 struct Workspace {
   std::vector<float> P, Z, A, D, DY, DZ, OUT;
-  Workspace(const Plane& g, int64_t HW, bool backward)
-      : P(CB * g.size(), 0.f), Z(CB * HW), A(2 * HW, 0.f), D(g.H * (g.Wp - 2 * g.p), 0.f),
-        DY(backward ? CB * HW : 0), DZ(backward ? g.size() : 0, 0.f), OUT(backward ? CB * HW : 0) {}
+  Workspace(const Plane& g, bool backward)
+      : P(g.size(), 0.f), Z(g.H * g.W * CB), A(g.H * g.W * CB), D(backward ? g.H * g.W * CB : 0),
+        DY(backward ? g.H * g.W * CB : 0), DZ(backward ? g.size() : 0, 0.f), OUT(g.H * g.W * CB) {}
 };
 
-// Runs fn(tile, workspace) for every (n, channel block) tile, in parallel.
+// Runs fn(tile, block, workspace) for every (n, channel block) tile, in parallel.
 template <typename Fn>
 void for_each_tile(int64_t N, int64_t C, const Plane& g, bool backward, Fn fn) {
   const int64_t blocks = (C + CB - 1) / CB;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    Workspace ws(g, g.H * g.W, backward);
+    Workspace ws(g, backward);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, c0 = (t % blocks) * CB;
-      fn(Tile{n, c0, std::min(CB, C - c0)}, ws);
+      const int64_t n = t / blocks, b = t % blocks;
+      fn(Tile{n, b * CB, std::min(CB, C - b * CB)}, b, ws);
     }
   });
 }
 
-// Sum and sum of squared deviations of a[0..n) (double, fixed order per build).
-inline void plane_moments(const float* a, int64_t n, double& mean, double& m2) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i];
-  mean = s / static_cast<double>(n);
-  const double mu = mean;
-  double q = 0.0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < n; ++i) q += (a[i] - mu) * (a[i] - mu);
-  m2 = q;
+// Per-channel mean and M2 of an interleaved tile buffer of n pixels (double, fixed order).
+inline void tile_moments(const float* a, int64_t n, double* mean, double* m2) {
+  double s[CB] = {0.0}, q[CB] = {0.0};
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t cc = 0; cc < CB; ++cc) s[cc] += a[i * CB + cc];
+  for (int64_t cc = 0; cc < CB; ++cc) mean[cc] = s[cc] / static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t cc = 0; cc < CB; ++cc) {
+      const double d = a[i * CB + cc] - mean[cc];
+      q[cc] += d * d;
+    }
+  for (int64_t cc = 0; cc < CB; ++cc) m2[cc] = q[cc];
+}
+
+template <typename scalar_t>
+void round_tile(float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] = round_to<scalar_t>(z[i]);
 }
 
 template <typename scalar_t>
@@ -297,10 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     bool use_batch_stats, double eps, Act act, bool save_preact) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
-  const int64_t kk = g.k * g.k;
+  const int64_t kk = g.k * g.k, Cpad = (C + CB - 1) / CB * CB;
   const auto fmt = output_format(x);
-  const at::Tensor wt = weight.to(at::kFloat).contiguous();
-  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, x.options().dtype(at::kFloat));
+  const at::Tensor wpack = pack_weights(weight, C, g.k, false);
+  const std::vector<float> bpack = pad_channels(bias, C, Cpad);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
   at::Tensor preact = save_preact ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
@@ -309,71 +359,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor zbuf = save_preact ? preact : out;
   const Strides4 sx(x), so(out), sz(zbuf);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const float* wp = wt.data_ptr<float>();
-  const float* bp = bf.data_ptr<float>();
+  const float* wp = wpack.data_ptr<float>();
   Affine aff;
   if (!use_batch_stats) {
     mean.copy_(running_mean->to(at::kFloat));
     var.copy_(running_var->to(at::kFloat));
-    aff = make_affine(mean, var, bn_weight, bn_bias, eps);
+    aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
   }
-  std::vector<double> pmean(N * C), pm2(N * C);
+  std::vector<double> pmean(N * Cpad), pm2(N * Cpad);
+
+  // y = x + act(z) * scale + shift over a tile (x read from the padded input buffer).
+  auto residual_affine = [&](const float* P, const float* a, float* y, int64_t c0) {
+    const float* sc = aff.scale.data() + c0;
+    const float* sh = aff.shift.data() + c0;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const float* xin = P + g.interior() + (h * g.Wp + w) * CB;
+        const int64_t o = (h * W + w) * CB;
+#pragma omp simd
+        for (int64_t cc = 0; cc < CB; ++cc) y[o + cc] = xin[cc] + a[o + cc] * sc[cc] + sh[cc];
+      }
+  };
 
   // Pass 1: conv; eval writes out directly, training writes z and per-plane statistics.
-  for_each_tile(N, C, g, false, [&](const Tile& t, Workspace& ws) {
-    std::vector<float>&P = ws.P, &Z = ws.Z, &A = ws.A;
-    read_tile(xp, sx, t, H, W, P.data(), g.size(), g.interior(0), g.Wp);
-    for (int64_t cc = 0; cc < t.cb; ++cc) {
-      const int64_t c = t.c0 + cc;
-      float* z = Z.data() + cc * HW;
-      conv_plane(P.data() + cc * g.size(), g, wp + c * kk, bp[c], z);
-      for (int64_t i = 0; i < HW; ++i) z[i] = round_to<scalar_t>(z[i]);
-      act_forward(act, z, A.data(), HW);
-      if (use_batch_stats) {
-        plane_moments(A.data(), HW, pmean[t.n * C + c], pm2[t.n * C + c]);
-      } else {  // eval: Z becomes the output tile (after preact is written below)
-        const float* xin = P.data() + cc * g.size();
-        if (!save_preact) {
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w)
-              z[h * W + w] = xin[g.interior(h) + w] + A[h * W + w] * aff.scale[c] + aff.shift[c];
-        }
-      }
-    }
-    if (save_preact || use_batch_stats)
-      write_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z.data(), HW, 0, W);
-    if (!use_batch_stats && save_preact) {  // eval with preact saved: out from Z now
+  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t b, Workspace& ws) {
+    float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data();
+    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
+    conv_tile(P, g, wp + b * kk * CB, bpack.data() + t.c0, Z, W);
+    round_tile<scalar_t>(Z, HW * CB);
+    if (save_preact || use_batch_stats) write_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
+    act_forward(act, Z, A, HW * CB);
+    if (use_batch_stats) {
+      double m[CB], q[CB];
+      tile_moments(A, HW, m, q);
       for (int64_t cc = 0; cc < t.cb; ++cc) {
-        const int64_t c = t.c0 + cc;
-        float* z = Z.data() + cc * HW;
-        act_forward(act, z, z, HW);
-        const float* xin = P.data() + cc * g.size();
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w)
-            z[h * W + w] = xin[g.interior(h) + w] + z[h * W + w] * aff.scale[c] + aff.shift[c];
+        pmean[t.n * Cpad + t.c0 + cc] = m[cc];
+        pm2[t.n * Cpad + t.c0 + cc] = q[cc];
       }
+      return;
     }
-    if (!use_batch_stats) write_tile(out.data_ptr<scalar_t>(), so, t, H, W, Z.data(), HW, 0, W);
+    residual_affine(P, A, ws.OUT.data(), t.c0);
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W);
   });
   if (!use_batch_stats) return {out, mean, var, preact};
 
-  finalize_stats(pmean, pm2, N, C, HW, mean, var);
-  aff = make_affine(mean, var, bn_weight, bn_bias, eps);
-  // Pass 2: out = x + act(z) * scale + shift.
-  for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
-    std::vector<float>&X = ws.OUT, &Z = ws.Z;
-    read_tile(xp, sx, t, H, W, X.data(), HW, 0, W);
-    read_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z.data(), HW, 0, W);
-    for (int64_t cc = 0; cc < t.cb; ++cc) {
-      const int64_t c = t.c0 + cc;
-      float* z = Z.data() + cc * HW;
-      const float* xin = X.data() + cc * HW;
-      act_forward(act, z, z, HW);
-      const float sc = aff.scale[c], sh = aff.shift[c];
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) z[i] = xin[i] + z[i] * sc + sh;
+  std::vector<double> cm(N * C), cq(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      cm[n * C + c] = pmean[n * Cpad + c];
+      cq[n * C + c] = pm2[n * Cpad + c];
     }
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, Z.data(), HW, 0, W);
+  finalize_stats(cm, cq, N, C, HW, mean, var);
+  aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
+  // Pass 2: out = x + act(z) * scale + shift.
+  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t, Workspace& ws) {
+    float *P = ws.P.data(), *Z = ws.Z.data();
+    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
+    read_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
+    act_forward(act, Z, Z, HW * CB);
+    residual_affine(P, Z, ws.OUT.data(), t.c0);
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W);
   });
   return {out, mean, var, preact};
 }
@@ -381,140 +426,131 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean_in, const at::Tensor& var_in,
+    const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& preact_in, bool use_batch_stats, double eps, Act act, const std::vector<bool>& mask) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
-  const int64_t k = g.k, kk = k * k, Wr = g.Wp - 2 * g.p;
-  const at::Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
-  const Affine aff = make_affine(mean, var, bn_weight, c10::nullopt, eps);
-  const at::Tensor wt = weight.to(at::kFloat).contiguous();
-  // Flipped kernel for the input gradient (a 'same' conv of dz with the k x k kernel rotated).
-  const at::Tensor wflip = wt.flip({2, 3}).contiguous();
+  const int64_t k = g.k, kk = k * k, blocks = (C + CB - 1) / CB, Cpad = blocks * CB;
+  const Affine aff = make_affine(mean, var, bn_weight, c10::nullopt, eps, Cpad);
+  const at::Tensor wpack = pack_weights(weight, C, k, false), wflip = pack_weights(weight, C, k, true);
+  const std::vector<float> bpack = pad_channels(bias, C, Cpad), zeros(Cpad, 0.f);
   const bool need_dx = mask[0], need_dw = mask[1], need_db = mask[2], need_dbnw = mask[3], need_dbnb = mask[4];
   const auto fmt = output_format(x);
   const auto fopt = x.options().dtype(at::kFloat);
-  at::Tensor go = grad_out;
-  const Strides4 sx(x), sg(go);
+  const Strides4 sx(x), sg(grad_out);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* gp = go.data_ptr<scalar_t>();
-  const float* mp = mean.data_ptr<float>();
-  const float* wp = wt.data_ptr<float>();
-  const float* wfp = wflip.data_ptr<float>();
+  const scalar_t* gp = grad_out.data_ptr<scalar_t>();
   const bool have_z = preact_in.numel() > 0;
-  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, fopt);
-  const float* bp = bf.data_ptr<float>();
 
   // Loads the tile's x (padded) and z (recomputed from x when preact was not saved).
-  auto load_xz = [&](const Tile& t, std::vector<float>& P, std::vector<float>& Z) {
-    read_tile(xp, sx, t, H, W, P.data(), g.size(), g.interior(0), g.Wp);
+  auto load_xz = [&](const Tile& t, int64_t b, float* P, float* Z) {
+    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
     if (have_z) {
-      read_tile(preact_in.data_ptr<scalar_t>(), Strides4(preact_in), t, H, W, Z.data(), HW, 0, W);
+      read_tile(preact_in.data_ptr<scalar_t>(), Strides4(preact_in), t, H, W, Z, W);
       return;
     }
-    for (int64_t cc = 0; cc < t.cb; ++cc) {
-      float* z = Z.data() + cc * HW;
-      conv_plane(P.data() + cc * g.size(), g, wp + (t.c0 + cc) * kk, bp[t.c0 + cc], z);
-      for (int64_t i = 0; i < HW; ++i) z[i] = round_to<scalar_t>(z[i]);
-    }
+    conv_tile(P, g, wpack.data_ptr<float>() + b * kk * CB, bpack.data() + t.c0, Z, W);
+    round_tile<scalar_t>(Z, HW * CB);
   };
 
-  // Pass 1: per-plane sums of dy and dy * xhat.
-  std::vector<double> psum_dy(N * C), psum_dyx(N * C);
-  for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
-    std::vector<float>&P = ws.P, &Z = ws.Z, &DY = ws.DY;
-    load_xz(t, P, Z);
-    read_tile(gp, sg, t, H, W, DY.data(), HW, 0, W);
-    for (int64_t cc = 0; cc < t.cb; ++cc) {
-      const int64_t c = t.c0 + cc;
-      float* z = Z.data() + cc * HW;
-      const float* dy = DY.data() + cc * HW;
-      act_forward(act, z, z, HW);
-      const float mu = mp[c], invstd = aff.invstd[c];
-      double s = 0.0, sx2 = 0.0;
-#pragma omp simd reduction(+ : s, sx2)
-      for (int64_t i = 0; i < HW; ++i) {
-        s += dy[i];
-        sx2 += static_cast<double>(dy[i] * ((z[i] - mu) * invstd));
+  // Pass 1: per-(n, c) sums of dy and dy * xhat.
+  std::vector<double> psum_dy(N * Cpad), psum_dyx(N * Cpad);
+  for_each_tile(N, C, g, true, [&](const Tile& t, int64_t b, Workspace& ws) {
+    float *P = ws.P.data(), *Z = ws.Z.data(), *DY = ws.DY.data();
+    load_xz(t, b, P, Z);
+    read_tile(gp, sg, t, H, W, DY, W);
+    act_forward(act, Z, Z, HW * CB);
+    const float* mu = aff.mean.data() + t.c0;
+    const float* is = aff.invstd.data() + t.c0;
+    double s[CB] = {0.0}, sx2[CB] = {0.0};
+    for (int64_t i = 0; i < HW; ++i)
+#pragma omp simd
+      for (int64_t cc = 0; cc < CB; ++cc) {
+        const float dy = DY[i * CB + cc];
+        s[cc] += dy;
+        sx2[cc] += static_cast<double>(dy * ((Z[i * CB + cc] - mu[cc]) * is[cc]));
       }
-      psum_dy[t.n * C + c] = s;
-      psum_dyx[t.n * C + c] = sx2;
+    for (int64_t cc = 0; cc < CB; ++cc) {
+      psum_dy[t.n * Cpad + t.c0 + cc] = s[cc];
+      psum_dyx[t.n * Cpad + t.c0 + cc] = sx2[cc];
     }
   });
-  std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
+  std::vector<double> sum_dy(Cpad, 0.0), sum_dyx(Cpad, 0.0);
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += psum_dy[n * C + c];
-      sum_dyx[c] += psum_dyx[n * C + c];
+    for (int64_t c = 0; c < Cpad; ++c) {
+      sum_dy[c] += psum_dy[n * Cpad + c];
+      sum_dyx[c] += psum_dyx[n * Cpad + c];
     }
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
-  std::vector<double> pdw(need_dw ? N * C * kk : 0, 0.0), pdb(N * C, 0.0);
+  std::vector<double> pdw(need_dw ? N * Cpad * kk : 0, 0.0), pdb(N * Cpad, 0.0);
   const double count = static_cast<double>(N * HW);
+  std::vector<float> mdy(Cpad, 0.f), mdyx(Cpad, 0.f), s1(Cpad, 0.f);
+  for (int64_t c = 0; c < Cpad; ++c) {
+    if (use_batch_stats) {
+      mdy[c] = static_cast<float>(sum_dy[c] / count);
+      mdyx[c] = static_cast<float>(sum_dyx[c] / count);
+    }
+    s1[c] = aff.gamma[c] * aff.invstd[c];
+  }
   if (need_dx || need_dw || need_db) {
     const Strides4 sdx(need_dx ? dx : x);
-    for_each_tile(N, C, g, true, [&](const Tile& t, Workspace& ws) {
-      std::vector<float>&P = ws.P, &Z = ws.Z, &DY = ws.DY, &D = ws.D, &A = ws.A, &DZ = ws.DZ, &OUT = ws.OUT;
-      load_xz(t, P, Z);
-      read_tile(gp, sg, t, H, W, DY.data(), HW, 0, W);
-      float* Dtmp = A.data() + HW;  // A holds 2 * HW floats: activation, then act'
-      for (int64_t cc = 0; cc < t.cb; ++cc) {
-        const int64_t c = t.c0 + cc;
-        const float* z = Z.data() + cc * HW;
-        const float* dy = DY.data() + cc * HW;
-        act_forward_deriv(act, z, A.data(), Dtmp, HW);
-        for (int64_t h = 0; h < H; ++h) std::copy(Dtmp + h * W, Dtmp + (h + 1) * W, D.data() + h * Wr);
-        const float invstd = aff.invstd[c], gamma = aff.gamma[c], mu = mp[c];
-        const float mdy = use_batch_stats ? static_cast<float>(sum_dy[c] / count) : 0.f;
-        const float mdyx = use_batch_stats ? static_cast<float>(sum_dyx[c] / count) : 0.f;
-        // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-        const float s1 = gamma * invstd;
-        double db = 0.0;
-        for (int64_t h = 0; h < H; ++h) {
-          float* dzrow = DZ.data() + g.interior(h);
-          float* drow = D.data() + h * Wr;  // dz rows, zero beyond W, for wgrad
-          const float* arow = A.data() + h * W;
-          const float* dyrow = dy + h * W;
-#pragma omp simd reduction(+ : db)
-          for (int64_t w = 0; w < W; ++w) {
-            const float xhat = (arow[w] - mu) * invstd;
-            const float dz = drow[w] * s1 * (dyrow[w] - mdy - xhat * mdyx);
-            dzrow[w] = dz;
-            drow[w] = dz;
-            db += dz;
+    for_each_tile(N, C, g, true, [&](const Tile& t, int64_t b, Workspace& ws) {
+      float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data(), *D = ws.D.data(), *DY = ws.DY.data(),
+            *DZ = ws.DZ.data(), *OUT = ws.OUT.data();
+      load_xz(t, b, P, Z);
+      read_tile(gp, sg, t, H, W, DY, W);
+      act_forward_deriv(act, Z, A, D, HW * CB);
+      const float *mu = aff.mean.data() + t.c0, *is = aff.invstd.data() + t.c0, *sc = s1.data() + t.c0,
+                  *m1 = mdy.data() + t.c0, *m2 = mdyx.data() + t.c0;
+      // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+      double db[CB] = {0.0};
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t i = (h * W + w) * CB;
+          float* dzp = DZ + g.interior() + (h * g.Wp + w) * CB;
+#pragma omp simd
+          for (int64_t cc = 0; cc < CB; ++cc) {
+            const float xhat = (A[i + cc] - mu[cc]) * is[cc];
+            const float dz = D[i + cc] * sc[cc] * (DY[i + cc] - m1[cc] - xhat * m2[cc]);
+            D[i + cc] = dz;
+            dzp[cc] = dz;
+            db[cc] += dz;
           }
         }
-        pdb[t.n * C + c] = db;
-        if (need_dw) wgrad_plane(P.data() + cc * g.size(), g, D.data(), pdw.data() + (t.n * C + c) * kk);
-        if (need_dx) {
-          float* o = OUT.data() + cc * HW;
-          conv_plane(DZ.data(), g, wfp + c * kk, 0.f, o);
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) o[i] += dy[i];
-        }
+      for (int64_t cc = 0; cc < CB; ++cc) pdb[t.n * Cpad + t.c0 + cc] = db[cc];
+      if (need_dw) wgrad_tile(P, g, D, pdw.data() + (t.n * blocks + b) * kk * CB);
+      if (need_dx) {
+        conv_tile(DZ, g, wflip.data_ptr<float>() + b * kk * CB, zeros.data(), OUT, W);
+        for (int64_t i = 0; i < HW * CB; ++i) OUT[i] += DY[i];
+        write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W);
       }
-      if (need_dx) write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT.data(), HW, 0, W);
     });
   }
 
   auto empty = [&]() { return at::empty({0}, x.options()); };
   at::Tensor dweight = empty(), dbias = empty(), dbnw = at::empty({0}, fopt), dbnb = at::empty({0}, fopt);
-  if (need_dw) {
-    at::Tensor acc = at::zeros({C, 1, k, k}, x.options().dtype(at::kDouble));
+  if (need_dw) {  // pdw: (N, blocks, k*k, CB) -> (C, 1, k, k), summed over n in order
+    at::Tensor acc = at::zeros({blocks, kk, CB}, x.options().dtype(at::kDouble));
     double* a = acc.data_ptr<double>();
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t i = 0; i < C * kk; ++i) a[i] += pdw[n * C * kk + i];
-    dweight = acc.to(weight.scalar_type());
+      for (int64_t i = 0; i < blocks * kk * CB; ++i) a[i] += pdw[n * blocks * kk * CB + i];
+    dweight = acc.transpose(1, 2).reshape({Cpad, kk}).narrow(0, 0, C).reshape({C, 1, k, k})
+                  .to(weight.scalar_type()).contiguous();
   }
+  auto per_channel = [&](const std::vector<double>& v, at::ScalarType st) {
+    at::Tensor t = at::empty({C}, x.options().dtype(at::kDouble));
+    std::copy(v.begin(), v.begin() + C, t.data_ptr<double>());
+    return t.to(st);
+  };
   if (need_db) {
-    at::Tensor acc = at::zeros({C}, x.options().dtype(at::kDouble));
-    double* a = acc.data_ptr<double>();
+    std::vector<double> acc(Cpad, 0.0);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) a[c] += pdb[n * C + c];
-    dbias = acc.to(weight.scalar_type());
+      for (int64_t c = 0; c < Cpad; ++c) acc[c] += pdb[n * Cpad + c];
+    dbias = per_channel(acc, weight.scalar_type());
   }
-  if (need_dbnw) dbnw = at::from_blob(sum_dyx.data(), {C}, x.options().dtype(at::kDouble)).to(at::kFloat);
-  if (need_dbnb) dbnb = at::from_blob(sum_dy.data(), {C}, x.options().dtype(at::kDouble)).to(at::kFloat);
+  if (need_dbnw) dbnw = per_channel(sum_dyx, at::kFloat);
+  if (need_dbnb) dbnb = per_channel(sum_dy, at::kFloat);
   if (!need_dx) dx = empty();
   return {dx, dweight, dbias, dbnw, dbnb};
 }
