@@ -163,3 +163,35 @@ def test_no_grad_saves_no_preact():
         _, _, _, preact = BLOCK_OPS["dw_block"].forward(x, w, b, bw, bb, None, None, True, 1e-5,
                                                         "gelu", False, "reference")
     assert preact.numel() == 0
+
+
+F32_ONLY = [(op, b) for op, b in F32 if (op, b) not in F64]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op,backend", F32_ONLY)
+def test_directional_finite_differences_float32(op, training, backend):
+    """For backends without float64 kernels: <grad, v> equals the central difference of
+    <out, g> along a random direction v of every input, in float32."""
+    cin, cout = 3, 3 if op == "dw_block" else 4
+    k = {"dw_block": 3, "pw_block": 1, "patch_embed": 2}[op]
+    inputs = [torch.randn(2, cin, 6, 5), torch.randn(cout, 1 if op == "dw_block" else cin, k, k)] + [
+        torch.randn(cout) for _ in range(3)]
+    rm, rv = torch.randn(cout), torch.rand(cout) + 0.5
+    fn = getattr(ck, op)
+
+    def f(*ts):
+        return fn(*ts, rm.clone(), rv.clone(), training, 0.1, 1e-3, "gelu", backend=backend)
+
+    g = torch.randn_like(f(*inputs))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad((f(*leaves) * g).sum(), leaves)
+    for idx, (t, grad) in enumerate(zip(inputs, grads)):
+        v = torch.randn_like(t)
+        eps = 1e-2
+        plus = [u + eps * v if j == idx else u for j, u in enumerate(inputs)]
+        minus = [u - eps * v if j == idx else u for j, u in enumerate(inputs)]
+        numeric = ((f(*plus) - f(*minus)) * g).sum().double() / (2 * eps)
+        analytic = (grad * v).sum().double()
+        print(f"input {idx}: analytic={analytic:.5f} numeric={numeric:.5f}")
+        assert abs(analytic - numeric) <= 2e-2 * max(1.0, abs(numeric)), idx
