@@ -76,10 +76,10 @@ DW_SHAPES = [(32, 1, 1, 1), (2, 3, 7, 7), (2, 17, 13, 7), (1, 64, 32, 32), (3, 1
 
 
 def _well_conditioned(shape, dtype, training) -> bool:
-    """Half-precision training on 1x1 planes is left out: with one active tap the batch
-    variance is tiny and BatchNorm's backward amplifies the rounding of the stored
-    pre-activation ~30x, so every implementation's error (PyTorch's too) is noise there.
-    float32 and eval cover those shapes."""
+    """Half-precision training on 1x1 (output) planes is left out: with one pixel per
+    image the batch variance comes from a few values, and BatchNorm's backward amplifies
+    the rounding of the stored pre-activation ~30x, so every implementation's error
+    (PyTorch's too) is noise there. float32 and eval cover those shapes."""
     return not (training and dtype != torch.float32 and shape[2] * shape[3] == 1)
 
 
@@ -100,10 +100,13 @@ PW_SHAPES = [((32, 1, 1, 1), 3), ((2, 3, 7, 7), 5), ((2, 17, 13, 7), 17), ((1, 6
              ((3, 5, 1, 13), 64)]
 
 
+PW_CASES = [(shape, cout, dtype, layout, training)
+            for shape, cout in PW_SHAPES for dtype, layout in DTYPE_LAYOUTS
+            for training in (True, False) if _well_conditioned(shape, dtype, training)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS["pw_block"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
-@pytest.mark.parametrize("shape,cout", PW_SHAPES, ids=str)
+@pytest.mark.parametrize("shape,cout,dtype,layout,training", PW_CASES, ids=str)
 def test_pw_block(shape, cout, dtype, layout, training, backend):
     i = [s for s, _ in PW_SHAPES].index(shape)
     act = ACTIVATIONS[i % len(ACTIVATIONS)]
@@ -112,12 +115,14 @@ def test_pw_block(shape, cout, dtype, layout, training, backend):
 
 PATCH_SHAPES = [((4, 3, 7, 7), 8, 7), ((2, 3, 13, 17), 16, 4), ((1, 1, 9, 9), 2, 3),
                 ((2, 3, 15, 14), 5, 2), ((2, 4, 5, 5), 3, 1)]
+PATCH_CASES = [(shape, cout, patch, dtype, layout, training)
+               for shape, cout, patch in PATCH_SHAPES for dtype, layout in DTYPE_LAYOUTS
+               for training in (True, False)
+               if _well_conditioned((1, 1, shape[2] // patch, shape[3] // patch), dtype, training)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS["patch_embed"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=str)
-@pytest.mark.parametrize("shape,cout,patch", PATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("shape,cout,patch,dtype,layout,training", PATCH_CASES, ids=str)
 def test_patch_embed(shape, cout, patch, dtype, layout, training, backend):
     i = [s for s, _, _ in PATCH_SHAPES].index(shape)
     act = ACTIVATIONS[i % len(ACTIVATIONS)]
