@@ -18,6 +18,8 @@ A backend object implements ``unavailable(op, x)`` (None or a reason) and the
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 from typing import Optional, Protocol
@@ -96,21 +98,39 @@ class CompiledBackend:
         return getattr(torch.ops.convmixer_kernels, f"{op}_backward_kernel")(*args)
 
 
-class PendingBackend:
-    """A backend whose kernels are not part of this version yet: it reports why."""
+class TritonBackend:
+    """Triton kernels (``convmixer_kernels._triton``): CUDA tensors, or CPU tensors when
+    ``TRITON_INTERPRET=1`` was set before the first use (Triton's interpreter, which
+    the CPU test suite runs them under)."""
 
-    def __init__(self, name: str, device_type: str, what: str):
-        self.name, self.device_type, self.what = name, device_type, what
+    name = "triton"
+    MODULES = {"dw_block": "dw_block"}
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def unavailable(self, op: str, x: Tensor) -> Optional[str]:
-        if x.device.type != self.device_type:
-            return f"it runs on {self.device_type} tensors, got a {x.device.type} tensor"
-        return f"this version of convmixer_kernels has no {self.what} for {op} yet"
+        if x.device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                return ("it runs on cuda tensors (cpu tensors only under TRITON_INTERPRET=1, "
+                        "Triton's interpreter)")
+        elif x.device.type != "cuda":
+            return f"it runs on cuda tensors, got a {x.device.type} tensor"
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        if op not in self.MODULES:
+            return f"this version of convmixer_kernels has no Triton kernel for {op} yet"
+        if x.dtype not in self.dtypes:
+            return ("its kernels take float32, bfloat16, float16, got "
+                    f"{str(x.dtype).replace('torch.', '')}")
+        return None
+
+    def _module(self, op: str):
+        return importlib.import_module(f"{__package__}._triton.{self.MODULES[op]}")
 
     def forward(self, op: str, *args):
-        raise BackendUnavailable(self.unavailable(op, args[0]))
+        return self._module(op).forward(*args)
 
-    backward = forward
+    def backward(self, op: str, *args):
+        return self._module(op).backward(*args)
 
 
 _HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,7 +138,7 @@ _REGISTRY: dict[str, Backend] = {
     "reference": ReferenceBackend(),
     "cpu": CompiledBackend("cpu", "cpu", "CPU", "C++ CPU kernel", _HALF_AND_FLOAT),
     "cuda": CompiledBackend("cuda", "cuda", "CUDA", "CUDA kernel", _HALF_AND_FLOAT),
-    "triton": PendingBackend("triton", "cuda", "Triton kernel"),
+    "triton": TritonBackend(),
 }
 
 

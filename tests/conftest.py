@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import convmixer_kernels as ck
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be switched
+# on before the first kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import convmixer_kernels as ck  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last", "strided")
