@@ -104,7 +104,7 @@ class TritonBackend:
     the CPU test suite runs them under)."""
 
     name = "triton"
-    MODULES = {"dw_block": "dw_block"}
+    MODULES = {"dw_block": "dw_block", "pw_block": "pw_block", "patch_embed": "patch_embed"}
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def unavailable(self, op: str, x: Tensor) -> Optional[str]:
