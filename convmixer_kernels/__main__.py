@@ -1,22 +1,34 @@
-"""CLI: ``python -m convmixer_kernels bench [options]`` (console script ``convmixer-bench``)."""
+"""CLI: ``python -m convmixer_kernels {bench,profile,info} [options]``
+(console script ``convmixer-bench`` = ``bench``)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench
+from . import bench, info, profile
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convmixer_kernels",
+                                     description="Fused kernels for ConvMixer: benchmark, profile, info.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    first = lambda doc: doc.split("\n\n")[0]
+    bench.add_arguments(commands.add_parser(
+        "bench", help="benchmark the fused ops and models against eager PyTorch and torch.compile",
+        description=first(bench.__doc__)))
+    profile.add_arguments(commands.add_parser(
+        "profile", help="run an op or model under torch.profiler: per-op table, Chrome trace",
+        description=first(profile.__doc__)))
+    info.add_arguments(commands.add_parser(
+        "info", help="versions, device, and which backends can run each op", description=first(info.__doc__)))
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m convmixer_kernels",
-                                     description="Fused kernels for ConvMixer.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    bench.add_arguments(commands.add_parser("bench", help="benchmark the fused blocks against eager "
-                                            "PyTorch", description=bench.__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    bench.run_args(args)
+    args = build_parser().parse_args(argv)
+    {"bench": bench.run_args, "profile": profile.run_args, "info": info.run_args}[args.command](args)
     return 0
 
 

@@ -1,57 +1,54 @@
-"""Benchmark of the fused blocks against the eager PyTorch modules on one device.
+"""Benchmark of the fused ops and models against stock PyTorch on one device.
 
-For each op (``dw_block``, ``pw_block``, ``patch_embed``) and mode (``eval``,
-``train_fwd``, ``train_fwdbwd``) it times three providers that share one set of
-parameters:
+Suites: ``ops`` (dw_block, pw_block, patch_embed and a whole ConvMixerLayer at the
+ConvMixers' shapes), ``sweep`` (dw_block over kernel sizes 3..31), ``models`` (the four
+ConvMixers; forward_backward is a training step with an SGD optimizer) and ``paper``
+(inference img/s of the ConvMixers beside the timm models of the paper's table).
+Modes: ``inference``, ``forward`` (training-mode forward), ``forward_backward``.
 
-- ``fused``: the ``convmixer_kernels`` module (backend from ``--backend``), NCHW input;
-- ``eager_nchw``: the same stock child modules (conv, act, BN) on NCHW input;
-- ``eager_channels_last``: the stock modules with weights and input in channels_last.
+Providers: ``fused_<backend>`` for each available backend of ours, and the baselines
+``eager_nchw``, ``eager_channels_last``, ``compile`` (torch.compile, default mode) and
+``compile_max_autotune`` (with ``--max-autotune``); on GPU all run with
+``torch.backends.cudnn.benchmark = True``. Speedup = best baseline median / the row's
+median. Each row also reports achieved GB/s, TFLOP/s and percent of the roofline floor
+(``convmixer_kernels._roofline``) and peak memory, and is appended to a long-format CSV
+per device under ``benchmarks/results/``.
 
-CPU times come from ``torch.utils.benchmark.Timer.blocked_autorange``, CUDA times
-from ``triton.testing.do_bench`` (Triton is imported only then). Run it as
-``python -m convmixer_kernels bench`` or ``convmixer-bench``; ``run()`` is the API.
+GPU times come from ``triton.testing.do_bench`` (Triton is imported only then), CPU
+times from ``torch.utils.benchmark.Timer``. Shapes and providers come from one registry
+(``convmixer_kernels._bench_cases``), shared with ``pytest benchmarks --benchmark-only``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import math
-import os
-import platform
 import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
 
-from . import backends
-from .modules import DepthwiseBlock, PatchEmbed, PointwiseBlock
+from . import _report, backends
+from ._bench_cases import BASELINES, MODE_ALIASES, MODELS, MODES, OPS, SUITES, Case, case_set, our_providers
+from ._bench_steps import build
+from ._roofline import Peaks, l2_cache_bytes, measure_peaks
+from ._timing import PEAK_MEMORY_HOW, peak_memory_mb, time_ms
 
-__all__ = ["OPS", "MODES", "PROVIDERS", "CSV_FIELDS", "add_arguments", "build_parser", "run",
-           "run_args"]
+__all__ = ["OPS", "MODES", "SUITES", "BASELINES", "DTYPES", "CSV_FIELDS", "add_arguments", "build_parser",
+           "run", "run_args"]
 
-OPS = ("dw_block", "pw_block", "patch_embed")
-MODES = ("eval", "train_fwd", "train_fwdbwd")
-PROVIDERS = ("fused", "eager_nchw", "eager_channels_last")
+CSV_FIELDS = _report.CSV_FIELDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CSV_FIELDS = ("op", "provider", "backend", "mode", "dtype", "device", "N", "C", "C_out", "H", "W",
-              "k", "p50_ms", "p20_ms", "p80_ms", "speedup_vs_best_eager", "max_abs_diff",
-              "torch", "timestamp")
-# Defaults that depend on the device type (the others are the same everywhere).
-DEVICE_DEFAULTS = {
-    "cpu": {"batch": 8, "dim": 256, "size": 32, "image_size": 112, "dtype": "float32"},
-    "cuda": {"batch": 64, "dim": 1536, "size": 32, "image_size": 224, "dtype": "bfloat16"},
-}
-IN_CHANS = 3
-MIN_SAMPLES = 5  # fewest timed blocks per CPU measurement
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+WARMUP_STEPS = 3
+# Seconds of timing per measurement: (quick, full).
+MIN_RUN_TIME = {"cpu": (0.2, 1.0), "cuda": (0.1, 0.5)}
 
 
-def _comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+def _comma_list(choices: Sequence[str], aliases: Optional[dict] = None) -> Callable[[str], list[str]]:
+    aliases = aliases or {}
+
     def parse(text: str) -> list[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
+        items = [aliases.get(s.strip(), s.strip()) for s in text.split(",") if s.strip()]
         bad = [s for s in items if s not in choices]
         if bad or not items:
             raise argparse.ArgumentTypeError(
@@ -80,7 +77,7 @@ def _device(text: str) -> torch.device:
         device = torch.device(text)
     except RuntimeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if device.type not in DEVICE_DEFAULTS:
+    if device.type not in MIN_RUN_TIME:
         raise argparse.ArgumentTypeError(f"expected a cpu or cuda device, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
@@ -89,26 +86,55 @@ def _device(text: str) -> torch.device:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``parser`` (used by the CLI and ``build_parser``)."""
-    pos_int = _positive(int)
-    add = parser.add_argument
+    pos_int, add = _positive(int), parser.add_argument
     add("--device", type=_device, default=None, help="default: cuda if available, else cpu")
-    add("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    add("--ops", type=_comma_list(OPS), default=list(OPS), help=f"comma list of {','.join(OPS)}")
-    add("--modes", type=_comma_list(MODES), default=list(MODES), help=f"comma list of {','.join(MODES)}")
-    add("--backend", choices=backends.BACKEND_NAMES + ("auto",), default=None,
-        help="backend of the fused provider (default: auto)")
-    add("--batch", type=pos_int, help="N (default: 8 on CPU, 64 on CUDA)")
-    add("--dim", type=pos_int, help="channels C of dw/pw, output channels of patch_embed "
-        "(default: 256 on CPU, 1536 on CUDA)")
-    add("--size", type=pos_int, help="H = W of dw/pw inputs (default: 32)")
-    add("--kernel-size", type=_positive(int, odd=True), default=9, help="depthwise kernel size (default: 9)")
-    add("--image-size", type=pos_int, help="patch_embed image H = W (default: 112 on CPU, 224 on CUDA)")
-    add("--patch-size", type=pos_int, default=7, help="patch_embed patch size (default: 7)")
-    add("--activation", choices=("gelu", "relu"), default="gelu")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="full", action="store_false", default=False,
+                      help="(default) one shape per op, the CIFAR model, eager baselines: under "
+                      "2 minutes on a 2-core CPU, under 1 minute on a GPU")
+    size.add_argument("--full", dest="full", action="store_true",
+                      help="every shape of DESIGN.md section 5 (smaller on CPU), the kernel-size "
+                      "sweep, all four models, torch.compile baselines")
+    add("--suites", type=_comma_list(SUITES), default=None,
+        help=f"comma list of {','.join(SUITES)} (default: ops,models; --full: ops,sweep,models)")
+    add("--paper", action="store_true", help="the paper's comparison: inference img/s of the "
+        "ConvMixers beside timm's resnet152, deit_base_patch16_224, resmlp_24_224, mixer_b16_224, "
+        "convit_small (random weights), one table; same as --suites paper")
+    add("--ops", type=_comma_list(OPS), default=None,
+        help=f"comma list of {','.join(OPS)} (default: all; alone it selects the ops suite)")
+    add("--models", type=_comma_list(tuple(MODELS)), default=None,
+        help=f"comma list of {','.join(MODELS)} (alone it selects the models suite)")
+    add("--modes", type=_comma_list(MODES, MODE_ALIASES), default=list(MODES),
+        help=f"comma list of {','.join(MODES)} (eval, train_fwd, train_fwdbwd are accepted as aliases)")
+    add("--dtypes", "--dtype", dest="dtypes", type=_comma_list(tuple(DTYPES), DTYPE_ALIASES), default=None,
+        help="comma list of float32,bfloat16,float16 (bf16, fp16, fp32 accepted); default: float32 "
+        "on CPU, bfloat16 on CUDA (--full on CUDA: all three)")
+    add("--backends", "--backend", dest="backends", type=_comma_list(backends.BACKEND_NAMES + ("auto",)),
+        default=None, help="comma list of our backends to time (default: every available one; "
+        "triton is left out on CPU, where it runs only under TRITON_INTERPRET=1 and is very "
+        "slow, unless named here)")
+    add("--baselines", type=_comma_list(BASELINES), default=None,
+        help=f"comma list of {','.join(BASELINES)} (default: eager_nchw,eager_channels_last, "
+        "plus compile with --full or --compile, plus compile_max_autotune with --max-autotune)")
+    add("--compile", dest="compile", action="store_true", default=None,
+        help="add the torch.compile baseline to a --quick run")
+    add("--no-compile", dest="compile", action="store_false", help="leave torch.compile out of --full")
+    add("--max-autotune", action="store_true", help="add torch.compile(mode='max-autotune')")
+    add("--batch", type=pos_int, help="override N of every case")
+    add("--dim", type=pos_int, help="override the channels (ops) or width (models) of every case")
+    add("--size", type=pos_int, help="override H = W of dw_block, pw_block and layer inputs")
+    add("--kernel-size", type=_positive(int, odd=True), help="override the depthwise kernel size")
+    add("--image-size", type=pos_int, help="override the image H = W of patch_embed and models")
+    add("--patch-size", type=pos_int, help="override the patch size of patch_embed and models")
+    add("--activation", choices=("gelu", "gelu_tanh", "relu"), default=None, help="override the activation")
     add("--threads", type=pos_int, default=None, help="CPU threads (default: torch's setting)")
-    add("--min-run-time", type=_positive(float), default=2.0,
-        help="seconds of timing per measurement (CUDA: do_bench's rep) (default: 2.0)")
-    add("--csv", metavar="PATH", default=None, help="append long-format rows to this CSV file")
+    add("--min-run-time", type=_positive(float), default=None,
+        help="seconds of timing per measurement (CUDA: do_bench's rep); default: 0.2 on CPU and "
+        "0.1 on CUDA, --full: 1.0 and 0.5")
+    csv_opts = parser.add_mutually_exclusive_group()
+    csv_opts.add_argument("--csv", metavar="PATH", default=None,
+                          help="append rows to this CSV (default: benchmarks/results/<device>.csv)")
+    csv_opts.add_argument("--no-csv", action="store_true", help="write no CSV")
     return parser
 
 
@@ -122,190 +148,200 @@ def run(args_list: Optional[Sequence[str]] = None) -> list[dict]:
     return run_args(build_parser("python -m convmixer_kernels bench").parse_args(args_list))
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    return f"{name or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def _time_ms(step: Callable[[], object], device: torch.device, min_run_time: float) -> tuple[float, ...]:
-    """(p50, p20, p80) in milliseconds of ``step()``."""
-    if device.type == "cuda":
-        from triton.testing import do_bench  # lazily: importing the package never loads Triton
-        return tuple(do_bench(step, rep=min_run_time * 1e3, quantiles=[0.5, 0.2, 0.8]))
-    from torch.utils.benchmark import Timer
-    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times = list(measurement.times)  # seconds per call, one entry per block
-    while len(times) < MIN_SAMPLES:  # a slow call gives few blocks: add some for the percentiles
-        times += timer.timeit(measurement.number_per_run).times
-    times = sorted(t * 1e3 for t in times)
-    return tuple(_percentile(times, q) for q in (0.5, 0.2, 0.8))
-
-
-def _build(op: str, a: argparse.Namespace, device: torch.device, dtype: torch.dtype
-           ) -> tuple[nn.Module, Callable[[Tensor], Tensor], tuple[int, int, int, int], int, int]:
-    """(fused module, eager function sharing its children, input shape, C_out, kernel size)."""
-    dd = {"device": device, "dtype": dtype}
-    if op == "dw_block":
-        m = DepthwiseBlock(a.dim, a.kernel_size, a.activation, backend=a.backend, **dd)
-        return m, (lambda x: x + m.fn(x)), (a.batch, a.dim, a.size, a.size), a.dim, a.kernel_size
-    if op == "pw_block":
-        m = PointwiseBlock(a.dim, a.dim, a.activation, backend=a.backend, **dd)
-        shape, k = (a.batch, a.dim, a.size, a.size), 1
+def _select_cases(a: argparse.Namespace, device: torch.device) -> list[Case]:
+    if a.suites is not None:
+        suites = a.suites
+    elif a.paper:
+        suites = ["paper"]
+    elif a.ops is not None or a.models is not None:
+        suites = (["ops"] if a.ops is not None else []) + (["models"] if a.models is not None else [])
     else:
-        m = PatchEmbed(IN_CHANS, a.dim, a.patch_size, a.activation, backend=a.backend, **dd)
-        shape, k = (a.batch, IN_CHANS, a.image_size, a.image_size), a.patch_size
-    return m, (lambda x: nn.Sequential.forward(m, x)), shape, a.dim, k
+        suites = ["ops", "sweep", "models"] if a.full else ["ops", "models"]
+    if a.paper and "paper" not in suites:
+        suites.append("paper")
+    overrides = {key: getattr(a, key) for key in ("batch", "dim", "size", "image_size", "kernel_size",
+                                                  "patch_size", "activation")}
+    cases = []
+    for suite in suites:
+        for case in case_set(device.type, suite, quick=not a.full):
+            if suite in ("ops", "sweep") and a.ops is not None and case.op not in a.ops:
+                continue
+            if suite == "models" and a.models is not None and case.op not in a.models:
+                continue
+            cases.append(case.with_overrides(**overrides))
+    return cases
 
 
-@torch.no_grad()
-def _randomize_bn(module: nn.Module) -> None:
-    for bn in (mod for mod in module.modules() if isinstance(mod, nn.BatchNorm2d)):
-        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0.0, 0.5)
-        bn.running_mean.normal_(0.0, 0.5), bn.running_var.uniform_(0.5, 1.5)
+def _baselines(a: argparse.Namespace) -> list[str]:
+    if a.baselines is not None:
+        chosen = list(a.baselines)
+    else:
+        chosen = ["eager_nchw", "eager_channels_last"] + (["compile"] if (a.full if a.compile is None
+                                                                            else a.compile) else [])
+    if a.max_autotune and "compile_max_autotune" not in chosen:
+        chosen.append("compile_max_autotune")
+    return chosen
 
 
-@contextlib.contextmanager
-def _memory_format(module: nn.Module, fmt: torch.memory_format) -> Iterator[None]:
-    """Hold ``module``'s 4-D weights in ``fmt`` (same Parameter objects), then restore NCHW."""
-    module.to(memory_format=fmt)
-    try:
-        yield
-    finally:
-        module.to(memory_format=torch.contiguous_format)
+def _plan(a: argparse.Namespace, device: torch.device, cases: list[Case]) -> list[tuple]:
+    """[(case, dtype name, mode, [(provider, backend), ...])] in run order."""
+    plan = []
+    for case in cases:
+        modes = ["inference"] if case.suite == "paper" else a.modes
+        for dtype in a.dtypes:
+            ours = our_providers(case, device, DTYPES[dtype], a.backends)
+            if a.backends is not None:
+                missing = [b for b in a.backends if b != "auto" and ("fused_" + b, b) not in ours]
+                if missing and case.kind != "timm":
+                    reasons = "; ".join(_why(b, case, device, DTYPES[dtype]) for b in missing)
+                    raise SystemExit(f"error: argument --backends: {reasons}")
+            providers = ours + [(b, None) for b in _baselines(a)]
+            plan.extend((case, dtype, mode, providers) for mode in modes)
+    return plan
 
 
-def _step(f: Callable[[Tensor], Tensor], x: Tensor, mode: str, params: list[nn.Parameter],
-          grad: Optional[Tensor]) -> Callable[[], object]:
-    """One timed iteration of ``mode`` (identical bookkeeping for every provider)."""
-    def forward() -> object:
-        with torch.set_grad_enabled(mode != "eval"):
-            return f(x)
-
-    def forward_backward() -> None:
-        for p in (*params, x):
-            p.grad = None
-        f(x).backward(grad)
-    return forward_backward if mode == "train_fwdbwd" else forward
+def _why(backend: str, case: Case, device: torch.device, dtype: torch.dtype) -> str:
+    x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+    for op in case.ops_used:
+        reason = backends.get(backend).unavailable(op, x)
+        if reason is not None:
+            return f"backend {backend!r} cannot run {op}: {reason}"
+    return f"backend {backend!r} is not available"
 
 
-def _measure_case(op: str, mode: str, a: argparse.Namespace, device: torch.device,
-                  dtype: torch.dtype, progress: Callable[[str, float], None]) -> list[dict]:
-    torch.manual_seed(0)
-    module, eager, shape, c_out, k = _build(op, a, device, dtype)
-    _randomize_bn(module)
-    module.train(mode != "eval")
-    params = list(module.parameters())
-    x_nchw = torch.randn(shape, device=device, dtype=dtype)
-    try:
-        backend = backends.resolve(a.backend, op, x_nchw)
-    except backends.BackendUnavailable as e:
-        raise SystemExit(f"error: argument --backend: {e}") from None
-    grad_base: Optional[Tensor] = None
-    reference: Optional[Tensor] = None
-    rows = []
-    for provider in PROVIDERS:
-        channels_last = provider == "eager_channels_last"
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        f = module if provider == "fused" else eager
-        x = x_nchw.detach().clone(memory_format=fmt).requires_grad_(mode == "train_fwdbwd")
-        with _memory_format(module, fmt) if channels_last else contextlib.nullcontext():
-            with torch.set_grad_enabled(mode != "eval"):
-                out = f(x)
-            if grad_base is None:
-                grad_base = torch.randn(out.shape, device=device, dtype=dtype)
-            if reference is None:
-                reference = out.detach().float()
-            diff = (out.detach().float() - reference).abs().max().item()
-            grad = torch.empty_like(out).copy_(grad_base) if mode == "train_fwdbwd" else None
-            del out
-            step = _step(f, x, mode, params, grad)
-            for _ in range(3):  # warm-up (kernel compilation, allocator, cudnn.benchmark)
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            p50, p20, p80 = _time_ms(step, device, a.min_run_time)
-        progress(f"{op} {mode} {provider}", p50)
-        n, c, h, w = shape
-        rows.append({"op": op, "provider": provider, "backend": backend if provider == "fused" else "eager",
-                     "mode": mode, "dtype": a.dtype, "N": n, "C": c,
-                     "C_out": c_out, "H": h, "W": w, "k": k, "p50_ms": p50, "p20_ms": p20,
-                     "p80_ms": p80, "max_abs_diff": diff})
-    best_eager = min(r["p50_ms"] for r in rows if r["provider"] != "fused")
+def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str], times: tuple,
+         built, peaks: Peaks, mem: float, diff: float, device: torch.device) -> dict:
+    p50, p20, p80 = times
+    cost = case.cost(mode, built.elem_bytes)
+    row = {"suite": case.suite, "op": case.op, "shape": case.label(), "provider": provider,
+           "kind": "ours" if provider.startswith("fused_") else "baseline", "mode": mode, "dtype": dtype,
+           "N": case.N, "C_in": case.C_in, "C_out": case.C_out, "H": case.H, "W": case.W, "k": case.k,
+           "patch": case.p, "activation": case.activation, "depth": case.depth,
+           "p50_ms": p50, "p20_ms": p20, "p80_ms": p80,
+           "img_per_s": case.N / (p50 * 1e-3) if case.kind != "op" else "",
+           "gb_per_s": "", "tflop_per_s": "", "pct_roofline": "", "roofline_floor_ms": "", "flop": "",
+           "bytes": "", "peak_mem_mb": mem, "peak_mem_how": PEAK_MEMORY_HOW[device.type],
+           "max_abs_diff": diff, "input_sets": len(built.inputs),
+           "peak_copy_gb_per_s": peaks.copy_gbps, "peak_matmul_tflop_per_s": peaks.matmul_tflops,
+           "peak_fma_tflop_per_s": peaks.fma_tflops, "peaks_how": peaks.how}
+    if backend is not None:
+        row["backend"] = backend if backend != "auto" else "+".join(sorted(
+            {backends.resolve("auto", op, built.inputs[0]) for op in case.ops_used}))
+    else:
+        row["backend"] = provider
+    if cost is not None:
+        floor = peaks.floor_ms(cost)
+        row.update(gb_per_s=cost.bytes / (p50 * 1e-3) / 1e9, tflop_per_s=cost.flop / (p50 * 1e-3) / 1e12,
+                   pct_roofline=100.0 * floor / p50, roofline_floor_ms=floor, flop=cost.flop, bytes=cost.bytes)
+    return row
+
+
+def _measure_group(case: Case, dtype: str, mode: str, providers: list, built, peaks: Peaks,
+                   device: torch.device, budget_s: float, progress: Callable[[str, float], None]) -> list[dict]:
+    rows, reference = [], None
+    for provider, backend in providers:
+        what = f"{case.suite} {case.op} [{case.label()}] {mode} {dtype} {provider}"
+        try:
+            with built.provider(provider, backend, mode) as (step, forward):
+                out = forward()
+                reference = out if reference is None else reference
+                diff = (out - reference).abs().max().item()
+                del out
+                for _ in range(WARMUP_STEPS):  # compilation, allocator, cudnn.benchmark
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times = time_ms(step, device, budget_s)
+                mem = peak_memory_mb(step, device)
+        except Exception as e:  # one provider failing (compile, OOM) must not lose the others
+            print(f"warning: {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            progress(what + " FAILED", float("nan"))
+            continue
+        progress(what, times[0])
+        rows.append(_row(case, dtype, mode, provider, backend, times, built, peaks, mem, diff, device))
+    baselines = [r["p50_ms"] for r in rows if r["kind"] == "baseline"]
+    best = min(baselines) if baselines else None
+    best_name = next((r["provider"] for r in rows if r["kind"] == "baseline" and r["p50_ms"] == best), "")
     for r in rows:
-        r["speedup_vs_best_eager"] = best_eager / r["p50_ms"]
+        r["speedup_vs_best_baseline"] = best / r["p50_ms"] if best else ""
+        r["best_baseline"] = best_name
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    """One line per (op, mode): text columns left-aligned, numbers right-aligned."""
-    table = [("op", "mode", "backend", "fused ms", "fused p20-p80", "eager_nchw ms", "eager_cl ms",
-              "speedup", "max|diff|")]
-    cases: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in rows:
-        cases.setdefault((r["op"], r["mode"]), {})[r["provider"]] = r
-    for (op, mode), by in cases.items():
-        fused = by["fused"]
-        table.append((op, mode, fused["backend"], f"{fused['p50_ms']:.3f}",
-                      f"{fused['p20_ms']:.3f}-{fused['p80_ms']:.3f}", f"{by['eager_nchw']['p50_ms']:.3f}",
-                      f"{by['eager_channels_last']['p50_ms']:.3f}", f"{fused['speedup_vs_best_eager']:.2f}x",
-                      f"{max(r['max_abs_diff'] for r in by.values()):.1e}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in table]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-
-
-def run_args(a: argparse.Namespace) -> list[dict]:
-    """Run the benchmark for parsed options ``a``; print the table; return one dict per
-    (op, mode, provider) with the ``CSV_FIELDS`` keys."""
+def _defaults(a: argparse.Namespace) -> torch.device:
     device = a.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for key, value in DEVICE_DEFAULTS[device.type].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    if a.dtypes is None:
+        a.dtypes = (["bfloat16", "float16", "float32"] if a.full else ["bfloat16"]) \
+            if device.type == "cuda" else ["float32"]
+    if a.min_run_time is None:
+        a.min_run_time = MIN_RUN_TIME[device.type][1 if a.full else 0]
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    dtype = DTYPES[a.dtype]
-    total, done = len(a.ops) * len(a.modes) * len(PROVIDERS), 0
+    return device
+
+
+def run_args(a: argparse.Namespace) -> list[dict]:
+    """Run the benchmark for parsed options ``a``; print the table; append the CSV; return
+    one dict per (case, dtype, mode, provider) with the ``CSV_FIELDS`` keys (and ``shape``)."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(a)
+    finally:
+        torch.set_num_threads(threads)  # --threads holds for this run only
+
+
+def _run(a: argparse.Namespace) -> list[dict]:
+    device = _defaults(a)
+    cases = _select_cases(a, device)
+    plan = _plan(a, device, cases)
+    total, done, start = sum(len(p[3]) for p in plan), 0, time.monotonic()
 
     def progress(what: str, ms: float) -> None:
         nonlocal done
         done += 1
-        print(f"[{done}/{total}] {what}: {ms:.3f} ms", file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done)
+        print(f"[{done}/{total}] {elapsed:5.0f}s, ~{eta:.0f}s left | {what}: {ms:.3f} ms",
+              file=sys.stderr, flush=True)
 
-    rows = [r for op in a.ops for mode in a.modes
-            for r in _measure_case(op, mode, a, device, dtype, progress)]
-    stamp, name = time.strftime("%Y-%m-%dT%H:%M:%S%z"), _device_name(device)
+    env = _report.environment(device)
+    print(f"measuring the roofline ceilings of {env['device']} ...", file=sys.stderr, flush=True)
+    peaks = measure_peaks(device, min(a.min_run_time, 0.5))
+    l2, rows, run_id = l2_cache_bytes(device), [], time.strftime("%Y%m%dT%H%M%S")
+    built_key, built = None, None
+    for case, dtype, mode, providers in plan:
+        if built_key != (case, dtype):
+            built_key, built = (case, dtype), None  # free the previous case first
+            built = build(case, device, DTYPES[dtype], l2)
+        rows += _measure_group(case, dtype, mode, providers, built, peaks, device, a.min_run_time, progress)
+    built = None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for r in rows:
-        r.update(device=name, torch=torch.__version__, timestamp=stamp)
-    print(f"convmixer_kernels bench | {device.type}: {name} | dtype {a.dtype} | "
-          f"torch {torch.__version__}")
-    print(f"dw/pw: N={a.batch} C={a.dim} H=W={a.size} k={a.kernel_size} | patch_embed: "
-          f"N={a.batch} {IN_CHANS}->{a.dim} image {a.image_size} patch {a.patch_size} | "
-          f"{a.activation} | fused input NCHW; speedup = best eager p50 / fused p50")
-    print(_table(rows), flush=True)
-    if a.csv:
-        _write_csv(a.csv, rows)
+        r.update(env, run_id=run_id, timestamp=stamp)
+    _print_report(rows, env, peaks, a)
+    if not a.no_csv and rows:
+        path = a.csv or _report.default_csv_path(device)
+        _report.write_csv(path, rows)
+        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    if done != len(rows) and not rows:
+        raise SystemExit("error: every measurement failed (see the warnings above)")
     return rows
+
+
+def _print_report(rows: list[dict], env: dict, peaks: Peaks, a: argparse.Namespace) -> None:
+    from ._paper import paper_table
+    print(f"convmixer_kernels bench | {env['device_type']}: {env['device']} | SMs/cores {env['sm_count']} | "
+          f"torch {env['torch']} | commit {env['git_commit'] or '-'}")
+    print(f"roofline ceilings: copy {peaks.copy_gbps:.1f} GB/s, {peaks.matmul_dtype} matmul "
+          f"{peaks.matmul_tflops:.3f} TFLOP/s, FMA {peaks.fma_tflops:.3f} TFLOP/s ({peaks.how})")
+    print(f"speedup = best baseline p50 / row p50 (baselines: {', '.join(_baselines(a))}"
+          f"{'; cudnn.benchmark on' if env['device_type'] == 'cuda' else ''})"
+          + ("; triton left out on CPU (name it in --backends)" if env["device_type"] == "cpu"
+             and a.backends is None else ""))
+    print(_report.format_table([r for r in rows if r["suite"] != "paper"]), flush=True)
+    paper = [r for r in rows if r["suite"] == "paper"]
+    if paper:
+        print("\nThe paper's comparison (inference img/s):")
+        print(paper_table(paper), flush=True)

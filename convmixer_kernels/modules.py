@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from . import _activations, backends, functional
+from ._ranges import block_range
 
 __all__ = ["DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer"]
 
@@ -32,10 +33,11 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
     activation = _activations.name_of(act)
     if activation is None:
         raise TypeError(f"activation module: expected nn.GELU or nn.ReLU, got {type(act).__name__}")
-    return fn(x, conv.weight, conv.bias, bn.weight, bn.bias,
-              bn.running_mean if keep else None, bn.running_var if keep else None,
-              training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
-              backend=backend)
+    with block_range(fn):  # a profiler range (NVTX under emit_nvtx); nothing without a profiler
+        return fn(x, conv.weight, conv.bias, bn.weight, bn.bias,
+                  bn.running_mean if keep else None, bn.running_var if keep else None,
+                  training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
+                  backend=backend)
 
 
 def _bn(dim: int, eps: float, momentum: Optional[float], dd: dict) -> nn.BatchNorm2d:
