@@ -209,7 +209,7 @@ def _bwd_elem(dy_ptr, x_ptr, wt_ptr, b_ptr, z_ptr, mean_ptr, var_ptr, cg_ptr, c0
         cg = tl.load(cg_ptr + c, mask=cmask, other=0.0)
         c0 = tl.load(c0_ptr + c, mask=cmask, other=0.0)
         cx = tl.load(cx_ptr + c, mask=cmask, other=0.0)
-        da = dy * cg[None, :] + c0[None, :] + xhat * cx[None, :]
+        da = (dy * cg[None, :] + c0[None, :] + xhat * cx[None, :]) * inv[None, :]
         dz = tl.where(mask, act_bwd(z, da, ACT), 0.0)
         tl.store(dz_ptr + o_off, dz, mask=mask)
         if BIAS_GRAD:
@@ -391,9 +391,9 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
     need_conv = need_dx or need_dw or need_db
     need_stats = need_dbnw or need_dbnb or (use_batch_stats and need_conv)
 
-    bw = bn_weight.detach().to(f32) if bn_weight is not None else torch.ones(C, dtype=f32, device=dev)
-    inv = torch.rsqrt(var32 + eps)
-    cg = (bw * inv).contiguous()
+    # dz = act'(z) * (dy * cg + c0 + xhat * cx) * invstd: cg = bn_weight, and in training
+    # c0, cx = -(means of g = dy * bn_weight and of g * xhat), as the reference's order.
+    cg = bn_weight.detach().to(f32).contiguous() if bn_weight is not None else torch.ones(C, dtype=f32, device=dev)
     zeros = torch.zeros(C, dtype=f32, device=dev)
     dz = torch.empty(x.shape, dtype=f32, device=dev, memory_format=fmt) if need_conv else None
     pdb = torch.empty(tiles, C, dtype=f32, device=dev) if need_db else None
@@ -424,8 +424,8 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
             z = z_tmp
         if need_conv and use_batch_stats:
             m = float(P)
-            c0 = (-(bw.double() * sdy / m) * inv.double()).to(f32)
-            cx = (-(bw.double() * sdyx / m) * inv.double()).to(f32)
+            c0 = (-(cg.double() * sdy / m)).to(f32)
+            cx = (-(cg.double() * sdyx / m)).to(f32)
             elem(False, True, c0, cx, z, None)
     elif need_conv:
         elem(False, True, zeros, zeros, z, None)
