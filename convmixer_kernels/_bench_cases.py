@@ -136,10 +136,10 @@ _GPU_CONFIGS = ((64, 1536, 32, 9, "gelu", 224, 7), (64, 768, 32, 7, "relu", 224,
                 (64, 1024, 16, 9, "gelu", 224, 14), (512, 256, 16, 5, "gelu", 32, 2))
 _CPU_CONFIGS = ((8, 256, 32, 9, "gelu", 224, 7), (8, 768, 32, 7, "relu", 224, 7),
                 (8, 1024, 16, 9, "gelu", 224, 14), (64, 256, 16, 5, "gelu", 32, 2))
-_CPU_QUICK_CONFIG = (8, 128, 32, 9, "gelu", 224, 7)
+_CPU_QUICK_CONFIG = (4, 128, 32, 9, "gelu", 224, 7)
 _MODEL_BATCH = {"cuda": {"convmixer_cifar_256_8": 512}, "cpu": {"convmixer_cifar_256_8": 32}}
 _DEFAULT_MODEL_BATCH = {"cuda": 64, "cpu": 2}
-_QUICK_MODEL_BATCH = {"cuda": 128, "cpu": 8}
+_QUICK_MODEL_BATCH = {"cuda": 128, "cpu": 2}
 _PAPER_BATCH = {"cuda": 64, "cpu": 2}
 
 

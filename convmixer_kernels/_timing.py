@@ -6,14 +6,17 @@ is imported only here and only for CUDA devices. CPU: ``torch.utils.benchmark.Ti
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from typing import Callable, Sequence
 
 import torch
 
 __all__ = ["time_ms", "peak_memory_mb", "PEAK_MEMORY_HOW", "MIN_SAMPLES"]
 
-MIN_SAMPLES = 5  # fewest timed blocks per CPU measurement
+MIN_SAMPLES = 3  # fewest timed blocks per CPU measurement (a slow step gets only one block)
 PEAK_MEMORY_HOW = {
     "cuda": "torch.cuda.max_memory_allocated during one step (params, inputs and grads included)",
     "cpu": "peak of torch CPU allocations during one step above the tensors live before it "
@@ -67,7 +70,14 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as prof:
         step()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
+    # Every allocation and free is a "[memory]" instant event of the trace, with its size.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    deltas = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
     live = peak = 0
     for _, delta in deltas:
         live += delta

@@ -131,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--min-run-time", type=_positive(float), default=None,
         help="seconds of timing per measurement (CUDA: do_bench's rep); default: 0.2 on CPU and "
         "0.1 on CUDA, --full: 1.0 and 0.5")
+    add("--memory", dest="memory", action="store_true", default=None,
+        help="measure peak memory (default: on, except --quick on CPU, where the profiler pass it "
+        "takes costs more than the timing)")
+    add("--no-memory", dest="memory", action="store_false", help="leave peak memory blank")
     csv_opts = parser.add_mutually_exclusive_group()
     csv_opts.add_argument("--csv", metavar="PATH", default=None,
                           help="append rows to this CSV (default: benchmarks/results/<device>.csv)")
@@ -220,7 +224,9 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
            "p50_ms": p50, "p20_ms": p20, "p80_ms": p80,
            "img_per_s": case.N / (p50 * 1e-3) if case.kind != "op" else "",
            "gb_per_s": "", "tflop_per_s": "", "pct_roofline": "", "roofline_floor_ms": "", "flop": "",
-           "bytes": "", "peak_mem_mb": mem, "peak_mem_how": PEAK_MEMORY_HOW[device.type],
+           "bytes": "", "peak_mem_mb": "" if mem is None else mem,
+           "peak_mem_how": PEAK_MEMORY_HOW[device.type] if mem is not None else "not measured (--no-memory, "
+           "or --quick on CPU; pass --memory)",
            "max_abs_diff": diff, "input_sets": len(built.inputs),
            "peak_copy_gb_per_s": peaks.copy_gbps, "peak_matmul_tflop_per_s": peaks.matmul_tflops,
            "peak_fma_tflop_per_s": peaks.fma_tflops, "peaks_how": peaks.how}
@@ -237,7 +243,8 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
 
 
 def _measure_group(case: Case, dtype: str, mode: str, providers: list, built, peaks: Peaks,
-                   device: torch.device, budget_s: float, progress: Callable[[str, float], None]) -> list[dict]:
+                   device: torch.device, budget_s: float, memory: bool,
+                   progress: Callable[[str, float], None]) -> list[dict]:
     rows, reference = [], None
     for provider, backend in providers:
         what = f"{case.suite} {case.op} [{case.label()}] {mode} {dtype} {provider}"
@@ -252,7 +259,7 @@ def _measure_group(case: Case, dtype: str, mode: str, providers: list, built, pe
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times = time_ms(step, device, budget_s)
-                mem = peak_memory_mb(step, device)
+                mem = peak_memory_mb(step, device) if memory else None
         except Exception as e:  # one provider failing (compile, OOM) must not lose the others
             print(f"warning: {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             progress(what + " FAILED", float("nan"))
@@ -273,6 +280,8 @@ def _defaults(a: argparse.Namespace) -> torch.device:
     if a.dtypes is None:
         a.dtypes = (["bfloat16", "float16", "float32"] if a.full else ["bfloat16"]) \
             if device.type == "cuda" else ["float32"]
+    if a.memory is None:
+        a.memory = a.full or device.type == "cuda"
     if a.min_run_time is None:
         a.min_run_time = MIN_RUN_TIME[device.type][1 if a.full else 0]
     if a.threads is not None:
@@ -315,7 +324,8 @@ def _run(a: argparse.Namespace) -> list[dict]:
         if built_key != (case, dtype):
             built_key, built = (case, dtype), None  # free the previous case first
             built = build(case, device, DTYPES[dtype], l2)
-        rows += _measure_group(case, dtype, mode, providers, built, peaks, device, a.min_run_time, progress)
+        rows += _measure_group(case, dtype, mode, providers, built, peaks, device, a.min_run_time, a.memory,
+                               progress)
     built = None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for r in rows:
