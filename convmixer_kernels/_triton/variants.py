@@ -1,0 +1,216 @@
+"""Ahead-of-time GPU compile check of every Triton kernel variant the package launches.
+
+The backend's own ``forward``/``backward`` run on ``meta`` tensors with launches
+recorded instead of executed (``_common._recorder``), for the benchmark shapes of
+DESIGN.md section 5 in every dtype, layout and mode; each distinct (kernel,
+signature, constexprs, launch options) is then compiled with ``triton.compile`` for
+the requested GPU architectures. No GPU is needed, so CI runs it::
+
+    python -m convmixer_kernels._triton.variants --arch 90,80 [--jobs 2] [--quick]
+
+Exit status 1 when any variant fails to compile (with its error), 0 otherwise; the
+report lists registers, spills and shared memory per variant. Must run without
+``TRITON_INTERPRET=1`` (the interpreter replaces the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .._spec import output_memory_format
+from . import _common
+
+# (op, N, C, H, W, k, activations): DESIGN.md section 5 shapes and the sweep.
+DW_SHAPES = [
+    (64, 1536, 32, 32, 9, ("gelu",)),
+    (64, 768, 32, 32, 7, ("gelu", "relu")),
+    (64, 1024, 16, 16, 9, ("gelu",)),
+    (512, 256, 16, 16, 5, ("gelu",)),
+]
+SWEEP_KS = tuple(range(3, 32, 2))
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CODES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int64: "i64", torch.int32: "i32"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: object
+    signature: tuple
+    constexprs: tuple
+    options: tuple
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
+
+    def describe(self) -> str:
+        const = ", ".join(f"{k}={v}" for k, v in self.constexprs if v is not None)
+        ptrs = ",".join(t for _, t in self.signature if t.startswith("*"))
+        return f"{self.name}[{ptrs}]({const})"
+
+
+def _variant(kernel, args: tuple, meta: dict) -> Variant:
+    names = list(kernel.arg_names)
+    values = dict(zip(names, args))
+    options = {k: v for k, v in meta.items() if k in ("num_warps", "num_stages")}
+    values.update({k: v for k, v in meta.items() if k not in options})
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    signature, constexprs = [], []
+    for n in names:
+        v = values[n]
+        # Triton's launcher specialises None and integers equal to 1 as constants.
+        if n in constexpr_names or v is None or (type(v) is int and v == 1):
+            signature.append((n, "constexpr"))
+            constexprs.append((n, v))
+        elif isinstance(v, torch.Tensor):
+            signature.append((n, "*" + _CODES[v.dtype]))
+        elif isinstance(v, bool):
+            signature.append((n, "i1"))
+        elif isinstance(v, int):
+            signature.append((n, "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"))
+        elif isinstance(v, float):
+            signature.append((n, "fp32"))
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {n} of type {type(v).__name__}")
+    return Variant(kernel, tuple(signature), tuple(constexprs), tuple(sorted(options.items())))
+
+
+def _dw_cases(quick: bool) -> Iterable[tuple]:
+    shapes = DW_SHAPES[:1] if quick else DW_SHAPES
+    for n, c, h, w, k, acts in shapes:
+        for dtype in DTYPES:
+            for act in acts:
+                yield n, c, h, w, k, dtype, act
+    if not quick:
+        n, c, h, w, _, _ = DW_SHAPES[1]
+        for k in SWEEP_KS:
+            yield n, c, h, w, k, torch.bfloat16, "gelu"
+
+
+def _run_dw(n, c, h, w, k, dtype, act) -> None:
+    """What the modules launch: inference (eval, nothing saved), the training forward
+    (pre-activation saved) and the training backward of every gradient."""
+    from . import dw_block
+
+    meta = dict(device="meta", dtype=dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.empty(n, c, h, w, memory_format=layout, **meta)
+        wt, vec = torch.empty(c, 1, k, k, **meta), torch.empty(c, **meta)
+        stats = torch.empty(c, device="meta", dtype=torch.float32)
+        dw_block.forward(x, wt, vec, vec, vec, stats, stats, False, 1e-5, act, False)
+        out, mean, var, pre = dw_block.forward(x, wt, vec, vec, vec, stats, stats, True, 1e-5,
+                                               act, True)
+        g = torch.empty(x.shape, memory_format=output_memory_format(x), **meta)
+        dw_block.backward(g, x, wt, vec, vec, mean, var, pre, True, 1e-5, act, [True] * 5)
+
+
+def collect(quick: bool = False) -> list[Variant]:
+    """Every distinct kernel variant launched for the benchmark cases, in launch order."""
+    found: dict[Variant, None] = {}
+
+    def record(kernel, grid, args, meta):
+        found.setdefault(_variant(kernel, args, meta), None)
+
+    if _common.interpreting():
+        raise RuntimeError("the compile check needs the real kernels: unset TRITON_INTERPRET")
+    _common._recorder = record
+    try:
+        for case in _dw_cases(quick):
+            _run_dw(*case)
+    finally:
+        _common._recorder = None
+    return list(found)
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=v.kernel, signature=dict(v.signature), constexprs=dict(v.constexprs))
+    start = time.perf_counter()
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
+    ptx = k.asm["ptx"]
+    return dict(shared=k.metadata.shared, seconds=time.perf_counter() - start,
+                mma="mma" in ptx, **_resources(k.asm["cubin"]))
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and spill stores of a cubin, from cuobjdump (bundled with Triton)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    spills = re.search(r"STACK:(\d+)", text)
+    return dict(n_regs=int(regs.group(1)) if regs else -1,
+                stack=int(spills.group(1)) if spills else -1)
+
+
+def _compile_job(job: tuple[int, int]) -> tuple[int, int, dict | str]:
+    index, arch = job
+    try:
+        return index, arch, compile_variant(_VARIANTS[index], arch)
+    except Exception as exc:  # reported with the variant, then the run fails
+        return index, arch, f"{type(exc).__name__}: {exc}"
+
+
+_VARIANTS: list[Variant] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90,80",
+                        help="comma-separated compute capabilities, e.g. 90,80 (default)")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the first benchmark shape (no kernel-size sweep)")
+    args = parser.parse_args(argv)
+    try:
+        archs = [int(a) for a in args.arch.split(",") if a.strip()]
+    except ValueError:
+        parser.error(f"--arch: expected comma-separated integers such as 90,80, got {args.arch!r}")
+    if not archs or args.jobs < 1:
+        parser.error("--arch needs at least one architecture and --jobs must be >= 1")
+
+    _VARIANTS[:] = collect(args.quick)
+    jobs = [(i, a) for i in range(len(_VARIANTS)) for a in archs]
+    print(f"{len(_VARIANTS)} kernel variants x {len(archs)} architectures", flush=True)
+    failures = 0
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        for index, arch, res in pool.map(_compile_job, jobs):
+            v = _VARIANTS[index]
+            if isinstance(res, str):
+                failures += 1
+                print(f"FAIL sm_{arch} {v.describe()}: {res}", flush=True)
+            else:
+                print(f"ok   sm_{arch} {v.describe()}: regs={res['n_regs']} "
+                      f"stack={res['stack']} smem={res['shared']} "
+                      f"{res['seconds']:.1f}s", flush=True)
+    print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.perf_counter() - start:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Ahead-of-time GPU compile check of the Triton kernels (no GPU needed).
+
+Every kernel variant the package launches for the benchmark shapes is compiled for
+sm_90 and sm_80 by ``python -m convmixer_kernels._triton.variants``; a kernel that
+does not compile for the GPU fails this test. Runs in subprocesses because the
+compile needs the real kernels, while this test session runs them under
+``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a real compile, not a cache hit
+    return env
+
+
+def _run(args, tmp_path, timeout=1500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_launched_variant_compiles_for_sm90_and_sm80(tmp_path):
+    proc = _run(["-m", "convmixer_kernels._triton.variants", "--arch", "90,80", "--jobs", "2"],
+                tmp_path)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    header = proc.stdout.splitlines()[0]
+    n_variants = int(header.split()[0])
+    assert n_variants > 0
+    assert f"{2 * n_variants}/{2 * n_variants} compiled" in proc.stdout
+
+
+def test_collector_sees_every_depthwise_kernel(tmp_path):
+    code = textwrap.dedent("""
+        from convmixer_kernels._triton import variants
+        print(sorted({v.name for v in variants.collect(quick=True)}))
+    """)
+    proc = _run(["-c", code], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = eval(proc.stdout.strip().splitlines()[-1])
+    assert {"_fwd", "_norm", "_bwd_elem", "_dgrad", "_wgrad"} <= set(names)
+
+
+def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
+    (tmp_path / "broken_kernel.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def broken(x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + undefined_name)
+    """))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        from broken_kernel import broken
+        from convmixer_kernels._triton import variants
+        v = variants._variant(broken, (torch.empty(4, device="meta"),), {{"BLOCK": 4}})
+        variants._VARIANTS[:] = [v]
+        index, arch, res = variants._compile_job((0, 90))
+        print("ERROR" if isinstance(res, str) else "COMPILED", res)
+    """)
+    proc = _run(["-c", code], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR" in proc.stdout and "undefined_name" in proc.stdout, proc.stdout
