@@ -51,6 +51,8 @@ from ._common import ACT_CODES, act_bwd, act_fwd, interpreting, invstd, launch, 
 
 
 # ---- device functions ---------------------------------------------------------------
+# (few nested calls: the interpreter re-patches triton.language on every device-function
+# call, which costs milliseconds each)
 
 @triton.jit
 def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -67,22 +69,13 @@ def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _range(start, BLOCK: tl.constexpr, IDX64: tl.constexpr):
-    r = start + tl.arange(0, BLOCK)
-    if IDX64:
-        r = r.to(tl.int64)
-    return r
-
-
-@triton.jit
-def _row_offsets(m, HO, WO, sn, sh, sw, P: tl.constexpr):
-    """Offset of the top-left input element of output pixel m = (n, ho, wo)."""
+def _pixel(m, HO, WO):
+    """Output pixel (n, ho, wo) of row m."""
     hw = HO * WO
     n = m // hw
     r = m - n * hw
     ho = r // WO
-    wo = r - ho * WO
-    return n * sn + ho * (P * sh) + wo * (P * sw)
+    return n, ho, r - ho * WO
 
 
 @triton.jit
@@ -105,18 +98,13 @@ def _col_offsets(k, CIN, sc, sh, sw, P: tl.constexpr, CL_K: tl.constexpr):
 
 
 @triton.jit
-def _vec(ptr, c, cmask, other):
-    return tl.load(ptr + c, mask=cmask, other=other).to(tl.float32)
-
-
-@triton.jit
 def _bn(a, c, cmask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps):
     """(a - mean) * invstd * bn_weight + bn_bias, in the reference's order."""
-    mean = _vec(mean_ptr, c, cmask, 0.0)
-    inv = invstd(_vec(var_ptr, c, cmask, 1.0), eps)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    inv = invstd(tl.load(var_ptr + c, mask=cmask, other=1.0).to(tl.float32), eps)
     y = (a - mean[None, :]) * inv[None, :]
-    y = y * _vec(bnw_ptr, c, cmask, 0.0)[None, :]
-    return y + _vec(bnb_ptr, c, cmask, 0.0)[None, :]
+    y = y * tl.load(bnw_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return y + tl.load(bnb_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
 
 
 # ---- kernels ------------------------------------------------------------------------
@@ -132,16 +120,26 @@ def _fwd(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, out_ptr, z_pt
     """MODE 0: eval (out = BN(act(z)) with running statistics); 1: training (z stored,
     per-row-tile (mean, M2) of act(z)); 2: z only."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, COUT, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = _range(pid_m * BLOCK_M, BLOCK_M, IDX64)
-    rn = _range(pid_n * BLOCK_N, BLOCK_N, IDX64)
+    if IDX64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < COUT
-    a_row = _row_offsets(rm, HO, WO, sxn, sxh, sxw, P)
+    n, ho, wo = _pixel(rm, HO, WO)
+    a_row = n * sxn + ho * (P * sxh) + wo * (P * sxw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KDIM, BLOCK_K):
-        rk = _range(k0, BLOCK_K, IDX64)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            rk = rk.to(tl.int64)
         kmask = rk < KDIM
-        a = tl.load(x_ptr + a_row[:, None] + _col_offsets(rk, CIN, sxc, sxh, sxw, P, CL_K)[None, :],
+        if P == 1:
+            a_col = rk * sxc
+        else:
+            a_col = _col_offsets(rk, CIN, sxc, sxh, sxw, P, CL_K)
+        a = tl.load(x_ptr + a_row[:, None] + a_col[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn,
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -150,10 +148,10 @@ def _fwd(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, out_ptr, z_pt
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     # conv + bias in float32, rounded to x's dtype: the pre-activation
-    z = acc + _vec(b_ptr, rn, nmask, 0.0)[None, :]
+    z = acc + tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
     mask = mmask[:, None] & nmask[None, :]
-    o_off = _row_offsets(rm, HO, WO, son, soh, sow, 1)[:, None] + rn[None, :] * soc
+    o_off = (n * son + ho * soh + wo * sow)[:, None] + rn[None, :] * soc
     if STORE_Z:
         tl.store(z_ptr + o_off, z.to(z_ptr.dtype.element_ty), mask=mask)
     if MODE == 0:
@@ -172,22 +170,22 @@ def _fwd(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, out_ptr, z_pt
 
 
 @triton.jit
-def _elem_tile(M, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(C, BLOCK_N)
-    t = pid // n_cb
-    rm = _range(t * BLOCK_M, BLOCK_M, IDX64)
-    rn = _range((pid - t * n_cb) * BLOCK_N, BLOCK_N, IDX64)
-    return t, rm, rn, rm < M, rn < C
-
-
-@triton.jit
 def _norm(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, out_ptr, M, HO, WO, C, eps,
           son, soc, soh, sow, ACT: tl.constexpr, IDX64: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    t, rm, rn, mmask, nmask = _elem_tile(M, C, BLOCK_M, BLOCK_N, IDX64)
-    mask = mmask[:, None] & nmask[None, :]
-    o_off = _row_offsets(rm, HO, WO, son, soh, sow, 1)[:, None] + rn[None, :] * soc
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(C, BLOCK_N)
+    t = pid // n_cb
+    cb = pid - t * n_cb
+    if IDX64:
+        t = t.to(tl.int64)
+        cb = cb.to(tl.int64)
+    rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < C
+    mask = (rm < M)[:, None] & nmask[None, :]
+    n, ho, wo = _pixel(rm, HO, WO)
+    o_off = (n * son + ho * soh + wo * sow)[:, None] + rn[None, :] * soc
     z = tl.load(z_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
     y = _bn(act_fwd(z, ACT), rn, nmask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps)
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -200,14 +198,24 @@ def _bwd_elem(dy_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, c0_ptr, cx_ptr, dz_ptr,
               ACT: tl.constexpr, STATS: tl.constexpr, DZ: tl.constexpr, CENTER: tl.constexpr,
               BIAS_GRAD: tl.constexpr, IDX64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    t, rm, rn, mmask, nmask = _elem_tile(M, C, BLOCK_M, BLOCK_N, IDX64)
-    mask = mmask[:, None] & nmask[None, :]
-    z = tl.load(z_ptr + _row_offsets(rm, HO, WO, szn, szh, szw, 1)[:, None] + rn[None, :] * szc,
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(C, BLOCK_N)
+    t = pid // n_cb
+    cb = pid - t * n_cb
+    if IDX64:
+        t = t.to(tl.int64)
+        cb = cb.to(tl.int64)
+    rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < C
+    mask = (rm < M)[:, None] & nmask[None, :]
+    n, ho, wo = _pixel(rm, HO, WO)
+    z = tl.load(z_ptr + (n * szn + ho * szh + wo * szw)[:, None] + rn[None, :] * szc,
                 mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + _row_offsets(rm, HO, WO, sgn, sgh, sgw, 1)[:, None] + rn[None, :] * sgc,
+    dy = tl.load(dy_ptr + (n * sgn + ho * sgh + wo * sgw)[:, None] + rn[None, :] * sgc,
                  mask=mask, other=0.0).to(tl.float32)
-    mean = _vec(mean_ptr, rn, nmask, 0.0)
-    inv = invstd(_vec(var_ptr, rn, nmask, 1.0), eps)
+    mean = tl.load(mean_ptr + rn, mask=nmask, other=0.0)
+    inv = invstd(tl.load(var_ptr + rn, mask=nmask, other=1.0), eps)
     xhat = (act_fwd(z, ACT) - mean[None, :]) * inv[None, :]
     if STATS:
         tl.store(psum_ptr + t * C + rn, tl.sum(dy, axis=0), mask=nmask)
@@ -215,14 +223,16 @@ def _bwd_elem(dy_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, c0_ptr, cx_ptr, dz_ptr,
                  mask=nmask)
     if DZ:
         # the reference's order: (g - mean(g) - xhat * mean(g * xhat)) * invstd with
-        # g = dy * bn_weight; without batch statistics g * invstd
-        g = dy * _vec(bnw_ptr, rn, nmask, 0.0)[None, :]
+        # g = dy * bn_weight, c0 = -mean(g), cx = -mean(g * xhat); without batch
+        # statistics g * invstd
+        g = dy * tl.load(bnw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if CENTER:
-            g = g + _vec(c0_ptr, rn, nmask, 0.0)[None, :] + xhat * _vec(cx_ptr, rn, nmask, 0.0)[None, :]
-        da = g * inv[None, :]
-        dz = tl.where(mask, act_bwd(z, da, ACT), 0.0)
-        d_off = _row_offsets(rm, HO, WO, sdn, sdh, sdw, 1)[:, None] + rn[None, :] * sdc
-        tl.store(dz_ptr + d_off, dz, mask=mask)
+            c0 = tl.load(c0_ptr + rn, mask=nmask, other=0.0)
+            cx = tl.load(cx_ptr + rn, mask=nmask, other=0.0)
+            g = g + c0[None, :] + xhat * cx[None, :]
+        dz = tl.where(mask, act_bwd(z, g * inv[None, :], ACT), 0.0)
+        tl.store(dz_ptr + (n * sdn + ho * sdh + wo * sdw)[:, None] + rn[None, :] * sdc, dz,
+                 mask=mask)
         if BIAS_GRAD:
             tl.store(pdb_ptr + t * C + rn, tl.sum(dz, axis=0), mask=nmask)
 
@@ -236,14 +246,20 @@ def _dgrad(dz_ptr, w_ptr, dx_ptr, M, HO, WO, CIN, COUT, KDIM,
     """dx[m, k] = sum over output channels co of dz[m, co] * W[co, k], stored at the image
     position of column k of patch m (reduction over COUT, output columns over KDIM)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, KDIM, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = _range(pid_m * BLOCK_M, BLOCK_M, IDX64)
-    rn = _range(pid_n * BLOCK_N, BLOCK_N, IDX64)
+    if IDX64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < KDIM
-    dz_row = _row_offsets(rm, HO, WO, sdn, sdh, sdw, 1)
+    n, ho, wo = _pixel(rm, HO, WO)
+    dz_row = n * sdn + ho * sdh + wo * sdw
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, COUT, BLOCK_K):
-        rk = _range(k0, BLOCK_K, IDX64)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            rk = rk.to(tl.int64)
         kmask = rk < COUT
         a = tl.load(dz_ptr + dz_row[:, None] + rk[None, :] * sdc,
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
@@ -254,7 +270,7 @@ def _dgrad(dz_ptr, w_ptr, dx_ptr, M, HO, WO, CIN, COUT, KDIM,
         else:
             a = a.to(w_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    off = (_row_offsets(rm, HO, WO, sxn, sxh, sxw, P)[:, None]
+    off = ((n * sxn + ho * (P * sxh) + wo * (P * sxw))[:, None]
            + _col_offsets(rn, CIN, sxc, sxh, sxw, P, CL_K)[None, :])
     tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
@@ -271,8 +287,12 @@ def _wgrad(dz_ptr, x_ptr, pw_ptr, M, HO, WO, CIN, COUT, KDIM, ROWS_PER_SPLIT,
     split = tl.program_id(0) // tiles
     pid_m, pid_n = _swizzle(tl.program_id(0) - split * tiles, COUT, KDIM, BLOCK_M, BLOCK_N,
                             GROUP_M)
-    rc = _range(pid_m * BLOCK_M, BLOCK_M, IDX64)
-    rn = _range(pid_n * BLOCK_N, BLOCK_N, IDX64)
+    if IDX64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+        split = split.to(tl.int64)
+    rc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = rc < COUT
     nmask = rn < KDIM
     x_col = _col_offsets(rn, CIN, sxc, sxh, sxw, P, CL_K)
@@ -280,11 +300,12 @@ def _wgrad(dz_ptr, x_ptr, pw_ptr, M, HO, WO, CIN, COUT, KDIM, ROWS_PER_SPLIT,
     hi = tl.minimum(lo + ROWS_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_K):
-        rm = _range(m0, BLOCK_K, IDX64)
+        rm = m0 + tl.arange(0, BLOCK_K)
         mmask = rm < hi
-        a = tl.load(dz_ptr + rc[:, None] * sdc + _row_offsets(rm, HO, WO, sdn, sdh, sdw, 1)[None, :],
+        n, ho, wo = _pixel(rm, HO, WO)
+        a = tl.load(dz_ptr + rc[:, None] * sdc + (n * sdn + ho * sdh + wo * sdw)[None, :],
                     mask=cmask[:, None] & mmask[None, :], other=0.0)
-        b = tl.load(x_ptr + _row_offsets(rm, HO, WO, sxn, sxh, sxw, P)[:, None] + x_col[None, :],
+        b = tl.load(x_ptr + (n * sxn + ho * (P * sxh) + wo * (P * sxw))[:, None] + x_col[None, :],
                     mask=mmask[:, None] & nmask[None, :], other=0.0)
         if DOT_F32:
             b = b.to(tl.float32)
@@ -333,6 +354,25 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def wgrad_splits(tiles: int, row_blocks: int, device: torch.device) -> int:
+    """Number of fixed row ranges the weight gradient's reduction over M is cut into:
+    the fewest (at most 8) that fill the SMs' last wave to 90%, keeping at least 16
+    BLOCK_K steps per split. One under the interpreter (no parallelism to gain)."""
+    if interpreting():
+        return 1
+    sms = _sm_count(device)
+    best, best_eff = 1, 0.0
+    for s in range(1, 9):
+        if s > 1 and row_blocks < 16 * s:
+            break
+        eff = tiles * s / (math.ceil(tiles * s / sms) * sms)
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+        if eff >= 0.9:
+            break
+    return best
 
 
 def _precision(x: Tensor) -> str:
@@ -398,6 +438,17 @@ class Geometry:
         return dict(P=self.p, CL_K=self.cl_k, PREC=self.prec, DOT_F32=self.dot_f32, **cfg)
 
 
+def use_int64(g: Geometry, *tensors: Tensor) -> bool:
+    """int64 offsets when some tensor of the call (the activation-shaped results
+    included) or the statistics' index range needs them, and always under the
+    interpreter: there int32 arithmetic is checked for overflow op by op, which costs
+    more than the kernels' own work (the int32 variant is tested by forcing it)."""
+    if interpreting():
+        return True
+    dense = torch.empty(g.out_shape, device="meta", memory_format=g.fmt)
+    return needs_int64(*tensors, dense) or g.m * max(g.cout, g.kdim) >= 2 ** 31 - 1
+
+
 def _grid2(M: int, N: int, cfg: dict) -> tuple[int]:
     return (math.ceil(M / cfg["BLOCK_M"]) * math.ceil(N / cfg["BLOCK_N"]),)
 
@@ -415,7 +466,7 @@ def forward(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, r
     bnw = _per_channel(bn_weight, C, 1.0, x)
     bnb = _per_channel(bn_bias, C, 0.0, x)
     act = ACT_CODES[activation]
-    idx64 = needs_int64(x, out) or M * max(C, g.kdim) >= 2 ** 31 - 1
+    idx64 = use_int64(g, x, out)
     cfg = gemm_config(M, C, g.kdim, x.dtype)
     grid = _grid2(M, C, cfg)
     common = (M, g.ho, g.wo, g.cin, C, g.kdim, eps, *_strides(x), 1, g.kdim, *_strides(out))
@@ -448,13 +499,13 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
     act = ACT_CODES[activation]
     need_conv = need_dx or need_dw or need_db
     need_stats = need_dbnw or need_dbnb or (use_batch_stats and need_conv)
-    empty = x.new_empty(0)
-    dbnw = dbnb = x.new_empty(0, dtype=f32)
+    # every result is a fresh tensor, placeholders of masked-out results included
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    dbnw, dbnb = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
     if not (need_conv or need_stats):
-        return empty, empty, empty, dbnw, dbnb
+        return dx, dw, db, dbnw, dbnb
 
-    idx64 = (needs_int64(x, grad_out, preact) or M * max(C, g.kdim) >= 2 ** 31 - 1
-             or needs_int64(torch.empty(g.out_shape, device="meta", memory_format=g.fmt)))
+    idx64 = use_int64(g, x, grad_out, preact)
     if preact.numel() == 0:
         # The pre-activation was not saved: recompute it with the forward GEMM.
         z = torch.empty(g.out_shape, dtype=x.dtype, device=dev, memory_format=g.fmt)
@@ -502,8 +553,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
         elem(False, True)
 
     if not need_conv:
-        return empty, empty, empty, dbnw, dbnb
-    dx = dw = db = empty
+        return dx, dw, db, dbnw, dbnb
     if need_dx:
         dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=g.fmt)
         if not g.covers:
@@ -515,7 +565,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
         cfg = gemm_config(C, g.kdim, M, x.dtype)
         tiles_w = math.ceil(C / cfg["BLOCK_M"]) * math.ceil(g.kdim / cfg["BLOCK_N"])
         row_blocks = math.ceil(M / cfg["BLOCK_K"])
-        splits = 1 if interpreting() else max(1, min(row_blocks, 2 * _sm_count(dev) // tiles_w))
+        splits = wgrad_splits(tiles_w, row_blocks, dev)
         per_split = math.ceil(row_blocks / splits) * cfg["BLOCK_K"]
         splits = math.ceil(M / per_split)
         pw = torch.empty(splits, C, g.kdim, dtype=f32, device=dev)
