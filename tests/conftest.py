@@ -44,15 +44,16 @@ def seed(request):
     yield
 
 
-def make_input(shape, dtype, layout: str, requires_grad: bool = False) -> torch.Tensor:
+def make_input(shape, dtype, layout: str, requires_grad: bool = False,
+               device: str = "cpu") -> torch.Tensor:
     """Random input in the requested layout; 'strided' is a non-contiguous view."""
     if layout == "strided":
         n, c, h, w = shape
-        base = torch.randn(n, c, h, 2 * w + 1, dtype=torch.float64).to(dtype)
+        base = torch.randn(n, c, h, 2 * w + 1, dtype=torch.float64).to(device, dtype)
         x = base[..., 1::2]
         assert not x.is_contiguous() or x.numel() <= 1
     else:
-        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        x = torch.randn(shape, dtype=torch.float64).to(device, dtype)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
@@ -75,7 +76,9 @@ def randomize_(module: nn.Module) -> nn.Module:
 
 
 def max_err(actual: torch.Tensor, oracle: torch.Tensor) -> float:
-    return (actual.double() - oracle.double()).abs().max().item() if actual.numel() else 0.0
+    if not actual.numel():
+        return 0.0
+    return (actual.detach().cpu().double() - oracle.detach().cpu().double()).abs().max().item()
 
 
 def assert_close_to_oracle(name: str, actual, oracle, lowp=None) -> None:
@@ -86,7 +89,7 @@ def assert_close_to_oracle(name: str, actual, oracle, lowp=None) -> None:
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     dtype = actual.dtype
     err = max_err(actual, oracle)
-    scale = oracle.double().abs().max().item() if oracle.numel() else 0.0
+    scale = oracle.detach().double().abs().max().item() if oracle.numel() else 0.0
     lowps = [] if lowp is None else [lowp] if isinstance(lowp, torch.Tensor) else list(lowp)
     lowp_err = max((max_err(t, oracle) for t in lowps), default=0.0)
     detail = f" pytorch_{dtype}_err={lowp_err:.3e}"
@@ -98,7 +101,7 @@ def assert_close_to_oracle(name: str, actual, oracle, lowp=None) -> None:
         bound = 2 * lowp_err + ULP[dtype] * max(scale, 1.0)
     print(f"{name}: max_err={err:.3e} bound={bound:.3e} scale={scale:.3e}{detail}")
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}{detail}"
-    nan_ok = torch.equal(torch.isnan(actual), torch.isnan(oracle))
+    nan_ok = torch.equal(torch.isnan(actual).cpu(), torch.isnan(oracle).cpu())
     assert nan_ok, f"{name}: NaN pattern differs from the oracle"
 
 

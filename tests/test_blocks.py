@@ -17,7 +17,7 @@ from convmixer_kernels._activations import ACTIVATIONS
 from convmixer_kernels._spec import output_memory_format
 
 from conftest import (LAYOUTS, assert_close_to_oracle, backends_under_test, eager_copy,
-                      grads_of, make_input, randomize_)
+                      grads_of, has_cuda, make_input, randomize_)
 
 BACKENDS = {op: backends_under_test("cpu", op) for op in ("dw_block", "pw_block", "patch_embed")}
 # float32 in every layout; each half dtype in one layout per shape (cycled), so the
@@ -38,21 +38,23 @@ def build(op: str, cin: int, cout: int, k: int, activation: str) -> torch.nn.Mod
     return ck.PatchEmbed(cin, cout, k, activation)
 
 
-def run_case(op, shape, cout, k, activation, dtype, layout, training, backend):
+def run_case(op, shape, cout, k, activation, dtype, layout, training, backend, device="cpu"):
+    """One case against the float64 oracle (stock modules on the CPU)."""
     n, cin, h, w = shape
     fused = randomize_(build(op, cin, cout, k, activation)).to(dtype).train(training)
-    fused.backend = backend
     oracle = eager_copy(fused, torch.float64)
-    lowp = eager_copy(fused, dtype)
+    lowp = eager_copy(fused, dtype).to(device)
 
     # PyTorch in the same dtype, twice: the eager stock modules and the reference
     # backend (the same maths in another order); their errors measure the rounding noise.
-    refb = copy.deepcopy(fused)
+    refb = copy.deepcopy(fused).to(device)
     refb.backend = "reference"
     lowps = (lowp, refb)
+    fused = fused.to(device)
+    fused.backend = backend
 
-    x = make_input(shape, dtype, layout, requires_grad=True)
-    x64 = x.detach().double().requires_grad_()
+    x = make_input(shape, dtype, layout, requires_grad=True, device=device)
+    x64 = x.detach().cpu().double().requires_grad_()
     xls = [x.detach().clone().requires_grad_() for _ in lowps]
     out, ref = fused(x), oracle(x64)
     lows = [m(xl) for m, xl in zip(lowps, xls)]
@@ -62,10 +64,10 @@ def run_case(op, shape, cout, k, activation, dtype, layout, training, backend):
     assert_close_to_oracle("out", out, ref, lows)
 
     g = torch.randn_like(ref)
-    out.backward(g.to(dtype))
+    out.backward(g.to(device, dtype))
     ref.backward(g)
     for low in lows:
-        low.backward(g.to(dtype))
+        low.backward(g.to(device, dtype))
     got, want = grads_of(fused, x), grads_of(oracle, x64)
     lowp_grads = [grads_of(m, xl) for m, xl in zip(lowps, xls)]
     assert set(got) == set(want)
@@ -153,3 +155,46 @@ def test_activations(op, activation, training, backend):
 @pytest.mark.parametrize("k", [1, 11, 31])
 def test_dw_block_other_kernel_sizes(k, backend):
     run_case("dw_block", (2, 5, 12, 9), 5, k, "gelu", torch.float32, "nchw", True, backend)
+
+
+# ---- the same grid on the GPU (marked; skipped without one) ------------------------
+CUDA_BACKENDS = {op: backends_under_test("cuda", op) if has_cuda() else []
+                 for op in ("dw_block", "pw_block", "patch_embed")}
+CUDA_DW_CASES = DW_CASES + [((2, 24, 32, 32), k, dt, "channels_last", tr)
+                            for k in (11, 31) for dt in (torch.bfloat16, torch.float32)
+                            for tr in (True, False)]
+if not has_cuda():  # one skip per test instead of one per case
+    CUDA_DW_CASES, CUDA_PW_CASES, CUDA_PATCH_CASES = [], [], []
+else:
+    CUDA_PW_CASES, CUDA_PATCH_CASES = PW_CASES, PATCH_CASES
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS["dw_block"] or ["none"])
+@pytest.mark.parametrize("shape,k,dtype,layout,training", CUDA_DW_CASES, ids=str)
+def test_dw_block_cuda(shape, k, dtype, layout, training, backend):
+    i = DW_SHAPES.index(shape) if shape in DW_SHAPES else 0
+    act = ACTIVATIONS[i % len(ACTIVATIONS)]
+    run_case("dw_block", shape, shape[1], k, act, dtype, pick_layout(layout, i + k), training,
+             backend, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS["pw_block"] or ["none"])
+@pytest.mark.parametrize("shape,cout,dtype,layout,training", CUDA_PW_CASES, ids=str)
+def test_pw_block_cuda(shape, cout, dtype, layout, training, backend):
+    i = [s for s, _ in PW_SHAPES].index(shape)
+    run_case("pw_block", shape, cout, 1, ACTIVATIONS[i % len(ACTIVATIONS)], dtype,
+             pick_layout(layout, i), training, backend, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS["patch_embed"] or ["none"])
+@pytest.mark.parametrize("shape,cout,patch,dtype,layout,training", CUDA_PATCH_CASES, ids=str)
+def test_patch_embed_cuda(shape, cout, patch, dtype, layout, training, backend):
+    i = [s for s, _, _ in PATCH_SHAPES].index(shape)
+    run_case("patch_embed", shape, cout, patch, ACTIVATIONS[i % len(ACTIVATIONS)], dtype,
+             pick_layout(layout, i), training, backend, device="cuda")

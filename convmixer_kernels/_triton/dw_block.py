@@ -48,7 +48,7 @@ def _pixels(t, N, H, W, BLOCK_P: tl.constexpr, IDX64: tl.constexpr):
     """Pixels of tile ``t``: BLOCK_P consecutive positions of the flattened N x H x W
     (a tile may span rows and images) as (n, h, w) and their mask."""
     if IDX64:
-        t = t.to(tl.int64)
+        t = tl.cast(t, tl.int64)
     p = t * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < N * H * W
     n = p // (H * W)
