@@ -33,8 +33,42 @@ def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype) * momentum)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+
+
+def _autocast_dtype(x: object) -> Optional[torch.dtype]:
+    """The dtype the convolution runs in under an enabled ``torch.autocast`` for x's device
+    (None outside autocast, and for inputs autocast leaves alone: non-tensors, float64)."""
+    if not isinstance(x, Tensor) or x.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
            training, momentum, eps, activation, backend) -> Tensor:
+    """Validate, resolve the backend, run the op, update the running statistics.
+
+    Under ``torch.autocast`` the block does what the stock modules do there: the
+    convolution is on autocast's list of low-precision ops, so x, weight and bias are
+    cast to the autocast dtype (differentiably: parameter gradients stay in their own
+    dtype) and the op runs with autocast disabled; BatchNorm keeps its float32
+    parameters and running statistics (the kernels take them mixed with a low-precision
+    x and accumulate in float32). The output is in the autocast dtype, except for
+    ``dw_block``, whose residual ``x + BN(...)`` type-promotes to x's dtype in the stock
+    composite: its output is cast back to x's dtype.
+    """
+    low = _autocast_dtype(x)
+    if low is not None:
+        in_dtype = x.dtype
+        cast = [t.to(low) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                for t in (x, weight, bias)]
+        with torch.autocast(x.device.type, enabled=False):
+            out = _block(spec, *cast, bn_weight, bn_bias, running_mean, running_var,
+                         training, momentum, eps, activation, backend)
+        return out.to(in_dtype) if spec.residual else out
     _validate.block_inputs(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                            training, momentum, eps)
     activation = _validate.activation(activation)
