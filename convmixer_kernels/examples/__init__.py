@@ -1,0 +1,1 @@
+"""Runnable examples (``python -m convmixer_kernels.examples.<name>``)."""
