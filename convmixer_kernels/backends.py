@@ -35,7 +35,7 @@ log = logging.getLogger("convmixer_kernels")
 ENV_VAR = "CONVMIXER_KERNELS_BACKEND"
 BACKEND_NAMES: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    # The CUDA kernels are validated on a GPU only by the GPU test suite: auto prefers triton until that has run.
+    # CUDA kernels are validated on a GPU only by the GPU test suite: auto prefers triton until then.
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
