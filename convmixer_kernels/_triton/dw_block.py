@@ -422,7 +422,8 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
                IDX64=idx64, **meta)
         return psum, pdot
 
-    dbnw = dbnb = x.new_empty(0, dtype=f32)
+    # masked-out results are fresh empty tensors (outputs of an op must not alias)
+    dbnw, dbnb = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
     if need_stats:
         fused_dz = need_conv and not use_batch_stats
         z_tmp = (torch.empty(x.shape, **like_out)
@@ -443,10 +444,9 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
     elif need_conv:
         elem(False, True, zeros, zeros, z, None)
 
-    empty = x.new_empty(0)
     if not need_conv:
-        return empty, empty, empty, dbnw, dbnb
-    dx = dw = db = empty
+        return x.new_empty(0), x.new_empty(0), x.new_empty(0), dbnw, dbnb
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx:
         dx = torch.empty(x.shape, **like_out)
         launch(_dgrad, grid, dz, wt, grad_out, dx, N, C, H, W,

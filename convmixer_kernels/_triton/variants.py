@@ -34,6 +34,11 @@ DW_SHAPES = [
     (512, 256, 16, 16, 5, ("gelu",)),
 ]
 SWEEP_KS = tuple(range(3, 32, 2))
+# (N, C_in, H, W, C_out, p): pointwise blocks at the depthwise shapes (p=1) and the
+# patch embeddings of the four benchmark models.
+PW_SHAPES = [(n, c, h, w, c, 1) for n, c, h, w, _, _ in DW_SHAPES]
+PATCH_SHAPES = [(64, 3, 224, 224, 1536, 7), (64, 3, 224, 224, 768, 7),
+                (64, 3, 224, 224, 1024, 14), (512, 3, 32, 32, 256, 2)]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CODES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
           torch.int64: "i64", torch.int32: "i32"}
@@ -45,6 +50,7 @@ class Variant:
     signature: tuple
     constexprs: tuple
     options: tuple
+    aligned: tuple = ()  # argument indices the launcher marks divisible by 16
 
     @property
     def name(self) -> str:
@@ -65,8 +71,8 @@ def _variant(kernel, args: tuple, meta: dict) -> Variant:
     if missing:
         raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
     constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
-    signature, constexprs = [], []
-    for n in names:
+    signature, constexprs, aligned = [], [], []
+    for i, n in enumerate(names):
         v = values[n]
         # Triton's launcher specialises None and integers equal to 1 as constants.
         if n in constexpr_names or v is None or (type(v) is int and v == 1):
@@ -74,36 +80,45 @@ def _variant(kernel, args: tuple, meta: dict) -> Variant:
             constexprs.append((n, v))
         elif isinstance(v, torch.Tensor):
             signature.append((n, "*" + _CODES[v.dtype]))
+            aligned.append(i)  # allocations are 16-byte aligned (meta tensors: address 0)
         elif isinstance(v, bool):
             signature.append((n, "i1"))
         elif isinstance(v, int):
             signature.append((n, "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"))
+            if v % 16 == 0:
+                aligned.append(i)
         elif isinstance(v, float):
             signature.append((n, "fp32"))
         else:
             raise TypeError(f"{kernel.fn.__name__}: argument {n} of type {type(v).__name__}")
-    return Variant(kernel, tuple(signature), tuple(constexprs), tuple(sorted(options.items())))
+    return Variant(kernel, tuple(signature), tuple(constexprs), tuple(sorted(options.items())),
+                   tuple(aligned))
+
+
+_NCHW, _BOTH = (torch.contiguous_format,), (torch.contiguous_format, torch.channels_last)
 
 
 def _dw_cases(quick: bool) -> Iterable[tuple]:
+    """The benchmark suite feeds NCHW tensors; the first (headline) shape of each op is
+    also checked in channels_last, the layout the stem hands on for channels_last images."""
     shapes = DW_SHAPES[:1] if quick else DW_SHAPES
-    for n, c, h, w, k, acts in shapes:
+    for i, (n, c, h, w, k, acts) in enumerate(shapes):
         for dtype in DTYPES:
             for act in acts:
-                yield n, c, h, w, k, dtype, act
+                yield n, c, h, w, k, dtype, act, _BOTH if i == 0 else _NCHW
     if not quick:
         n, c, h, w, _, _ = DW_SHAPES[1]
         for k in SWEEP_KS:
-            yield n, c, h, w, k, torch.bfloat16, "gelu"
+            yield n, c, h, w, k, torch.bfloat16, "gelu", _NCHW
 
 
-def _run_dw(n, c, h, w, k, dtype, act) -> None:
+def _run_dw(n, c, h, w, k, dtype, act, layouts) -> None:
     """What the modules launch: inference (eval, nothing saved), the training forward
     (pre-activation saved) and the training backward of every gradient."""
     from . import dw_block
 
     meta = dict(device="meta", dtype=dtype)
-    for layout in (torch.contiguous_format, torch.channels_last):
+    for layout in layouts:
         x = torch.empty(n, c, h, w, memory_format=layout, **meta)
         wt, vec = torch.empty(c, 1, k, k, **meta), torch.empty(c, **meta)
         stats = torch.empty(c, device="meta", dtype=torch.float32)
@@ -112,6 +127,32 @@ def _run_dw(n, c, h, w, k, dtype, act) -> None:
                                                act, True)
         g = torch.empty(x.shape, memory_format=output_memory_format(x), **meta)
         dw_block.backward(g, x, wt, vec, vec, mean, var, pre, True, 1e-5, act, [True] * 5)
+
+
+def _gemm_cases(quick: bool) -> Iterable[tuple]:
+    for op, shapes in (("pw_block", PW_SHAPES), ("patch_embed", PATCH_SHAPES)):
+        for i, (n, cin, h, w, cout, p) in enumerate(shapes[:1] if quick else shapes):
+            for dtype in DTYPES:
+                for act in ("gelu", "relu") if cout == 768 else ("gelu",):
+                    yield op, n, cin, h, w, cout, p, dtype, act, _BOTH if i == 0 else _NCHW
+
+
+def _run_gemm(op, n, cin, h, w, cout, p, dtype, act, layouts) -> None:
+    import importlib
+
+    module = importlib.import_module(f"{__package__}.{op}")
+    meta = dict(device="meta", dtype=dtype)
+    for layout in layouts:
+        x = torch.empty(n, cin, h, w, memory_format=layout, **meta)
+        wt, vec = torch.empty(cout, cin, p, p, **meta), torch.empty(cout, **meta)
+        stats = torch.empty(cout, device="meta", dtype=torch.float32)
+        module.forward(x, wt, vec, vec, vec, stats, stats, False, 1e-5, act, False)
+        out, mean, var, pre = module.forward(x, wt, vec, vec, vec, stats, stats, True, 1e-5,
+                                             act, True)
+        g = torch.empty(out.shape, memory_format=output_memory_format(x), **meta)
+        # the stem's image needs no gradient: models train with output_mask[0] False there
+        mask = [op != "patch_embed", True, True, True, True]
+        module.backward(g, x, wt, vec, vec, mean, var, pre, True, 1e-5, act, mask)
 
 
 def collect(quick: bool = False) -> list[Variant]:
@@ -127,6 +168,11 @@ def collect(quick: bool = False) -> list[Variant]:
     try:
         for case in _dw_cases(quick):
             _run_dw(*case)
+        from ..backends import TritonBackend
+
+        if {"pw_block", "patch_embed"} <= set(TritonBackend.MODULES):
+            for case in _gemm_cases(quick):
+                _run_gemm(*case)
     finally:
         _common._recorder = None
     return list(found)
@@ -137,7 +183,10 @@ def compile_variant(v: Variant, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=v.kernel, signature=dict(v.signature), constexprs=dict(v.constexprs))
+    # the launcher's specialisation: None and 1 are constants, 16-divisible values and
+    # aligned pointers carry tt.divisibility (what vectorised loads rely on)
+    src = ASTSource(fn=v.kernel, signature=dict(v.signature), constexprs=dict(v.constexprs),
+                    attrs={(i,): [["tt.divisibility", 16]] for i in v.aligned})
     start = time.perf_counter()
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
     ptx = k.asm["ptx"]
