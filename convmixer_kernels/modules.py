@@ -103,6 +103,8 @@ class PatchEmbed(_FusedTriple):
     def __init__(self, in_chans: int, dim: int, patch_size: int = 7, activation: str = "gelu",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  backend: Optional[str] = None, device=None, dtype=None):
+        if patch_size < 1:
+            raise ValueError(f"patch_size: expected a size >= 1, got {patch_size}")
         dd = {"device": device, "dtype": dtype}
         super().__init__(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd),
                          _activations.make_module(activation), _bn(dim, eps, momentum, dd))

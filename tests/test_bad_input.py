@@ -8,6 +8,8 @@ import torch
 
 import convmixer_kernels as ck
 
+from conftest import backends_under_test
+
 
 def good(op: str) -> dict:
     c, cout = 4, 4 if op == "dw_block" else 6
@@ -75,23 +77,35 @@ def test_backend_argument(op, monkeypatch):
         getattr(ck, op)(**good(op))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+# Triton runs on the CPU under its interpreter (TRITON_INTERPRET=1), so it is not always
+# unavailable here; cuda is, on CPU tensors.
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")
+                                     if b not in backends_under_test("cpu", "dw_block")])
 def test_unavailable_backend_raises_with_reason(backend):
     with pytest.raises(ck.BackendUnavailable, match=f"backend '{backend}' cannot run dw_block: .+"):
         ck.dw_block(**good("dw_block"), backend=backend)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_nan_and_inf_propagate_as_in_reference(op):
+# Every kernel backend (the reference backend is the composite itself; in float32 it
+# inherits PyTorch's CPU GELU(+inf) = NaN).
+NAN_CASES = [(op, b, tr) for op in OPS for b in backends_under_test("cpu", op) if b != "reference"
+             for tr in (False, True)]
+
+
+@pytest.mark.parametrize("op,backend,training", NAN_CASES)
+def test_nan_and_inf_propagate_as_in_reference(op, backend, training):
     """NaN/Inf propagate as in the reference composite run in float64 (PyTorch's float32
-    CPU GELU returns NaN for +inf, where GELU(+inf) = +inf; the kernels follow the maths)."""
-    kw = with_(op, training=False)
+    CPU GELU returns NaN for +inf, where GELU(+inf) = +inf; the kernels follow the maths).
+    In training mode a non-finite value spreads through its channel's batch statistics."""
+    kw = with_(op, training=training)
     kw["x"][0, 1, 2, 3] = math.nan
     kw["x"][1, 0, 0, 0] = math.inf
-    got = getattr(ck, op)(**kw)
+    kw["x"][1, 2, 4, 4] = -math.inf
+    got = getattr(ck, op)(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                             for k, v in kw.items()}, backend=backend)
     want = getattr(ck.reference, op)(**{k: v.double() if isinstance(v, torch.Tensor) else v
                                         for k, v in kw.items()})
-    assert torch.isnan(want).any() and torch.isinf(want).any()
+    assert torch.isnan(want).any() and (training or torch.isinf(want).any())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
@@ -117,3 +131,144 @@ def test_module_input_errors_name_the_argument():
         block(torch.randn(2, 3, 5, 5))
     with pytest.raises(TypeError, match="x: expected a floating-point"):
         block(torch.ones(2, 8, 5, 5, dtype=torch.int32))
+
+
+# ---- every module and convert(), table-driven (DESIGN.md section 7) -----------------
+# name -> (constructor taking keyword overrides, a good input shape)
+MODULES = {
+    "DepthwiseBlock": (lambda **kw: ck.DepthwiseBlock(4, kw.pop("kernel_size", 3), **kw), (2, 4, 6, 6)),
+    "PointwiseBlock": (lambda **kw: ck.PointwiseBlock(4, 6, **kw), (2, 4, 6, 6)),
+    "PatchEmbed": (lambda **kw: ck.PatchEmbed(3, 6, kw.pop("patch_size", 2), **kw), (2, 3, 6, 6)),
+    "ConvMixerLayer": (lambda **kw: ck.ConvMixerLayer(4, kw.pop("kernel_size", 3), **kw), (2, 4, 6, 6)),
+    "ConvMixer": (lambda **kw: ck.ConvMixer(4, 1, num_classes=3, **{"kernel_size": 3, "patch_size": 2, **kw}),
+                  (2, 3, 6, 6)),
+}
+CONVERTED = {  # a stock model that convert() fuses, and its good input shape
+    "convert(stock)": (lambda: ck.convert(_stock_convmixer()), (2, 3, 6, 6)),
+}
+
+
+def _stock_convmixer() -> torch.nn.Module:
+    from conftest import unfuse_
+    return unfuse_(ck.ConvMixer(4, 1, kernel_size=3, patch_size=2, num_classes=3))
+
+
+# (id, input builder from the good shape, exception, message fragment)
+INPUT_CASES = [
+    ("rank 3", lambda s: torch.randn(s[1:]), ValueError, "x: expected a 4-D"),
+    ("rank 5", lambda s: torch.randn((1,) + s), ValueError, "x: expected a 4-D"),
+    ("channel mismatch", lambda s: torch.randn(s[0], s[1] + 1, *s[2:]), ValueError, "weight: expected"),
+    ("int dtype", lambda s: torch.ones(s, dtype=torch.int32), TypeError, "x: expected a floating-point"),
+    ("complex dtype", lambda s: torch.ones(s, dtype=torch.complex64), TypeError, "x: expected a floating-point"),
+    ("N=0", lambda s: torch.randn(0, *s[1:]), ValueError, "x: every dimension"),
+    ("not a tensor", lambda s: torch.randn(s).tolist(), TypeError, "x: expected a torch.Tensor"),
+    ("mixed devices (meta x, cpu weights)", lambda s: torch.randn(s, device="meta"), ValueError,
+     "weight: expected a tensor on x's device"),
+    ("dtype differs from the weights", lambda s: torch.randn(s, dtype=torch.float16), TypeError,
+     "weight: expected x's dtype"),
+]
+ENTRY_POINTS = {**{k: v for k, v in MODULES.items()}, **CONVERTED}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_module_rejects_input(entry, case, training):
+    make, shape = ENTRY_POINTS[entry]
+    _, build_x, exc, msg = case
+    module = make().train(training)
+    with pytest.raises(exc, match=msg):
+        module(build_x(shape))
+
+
+# (id, constructor overrides, exception, message fragment); modules that do not take an
+# argument are left out of its rows.
+CONSTRUCTOR_CASES = [
+    ("even kernel", {"kernel_size": 4}, ValueError, "kernel_size: expected an odd size"),
+    ("zero kernel", {"kernel_size": 0}, ValueError, "kernel_size: expected an odd size"),
+    ("zero patch", {"patch_size": 0}, ValueError, "patch_size: expected a size >= 1"),
+    ("activation name", {"activation": "swish"}, ValueError, "activation: expected one of"),
+    ("activation type", {"activation": 3}, ValueError, "activation: expected one of"),
+    ("backend name", {"backend": "gpu"}, ValueError, "backend: expected one of"),
+]
+TAKES = {"kernel_size": {"DepthwiseBlock", "ConvMixerLayer", "ConvMixer"},
+         "patch_size": {"PatchEmbed", "ConvMixer"}}
+CTOR_PARAMS = [pytest.param(m, kw, exc, msg, id=f"{m}-{name}")
+               for name, kw, exc, msg in CONSTRUCTOR_CASES for m in MODULES
+               if all(m in TAKES.get(k, MODULES) for k in kw)]
+
+
+@pytest.mark.parametrize("entry,overrides,exc,msg", CTOR_PARAMS)
+def test_module_constructor_rejects(entry, overrides, exc, msg):
+    make, _ = MODULES[entry]
+    with pytest.raises(exc, match=msg):
+        make(**overrides)
+
+
+# Settings a module takes but its forward checks (as nn.BatchNorm2d takes any eps).
+FORWARD_SETTINGS = [
+    ("eps nan", {"eps": math.nan}, ValueError, "eps: expected a finite float"),
+    ("eps inf", {"eps": math.inf}, ValueError, "eps: expected a finite float"),
+    ("eps negative", {"eps": -1e-5}, ValueError, "eps: expected a finite float"),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_SETTINGS, ids=[c[0] for c in FORWARD_SETTINGS])
+@pytest.mark.parametrize("entry", list(MODULES))
+def test_module_forward_rejects_setting(entry, case):
+    make, shape = MODULES[entry]
+    _, overrides, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        make(**overrides)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_module_backend_attribute_and_set_backend(entry, monkeypatch):
+    make, shape = ENTRY_POINTS[entry]
+    module = make()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ck.set_backend(module, "fastest")
+    for m in module.modules():  # an attribute set by hand is checked when the op runs
+        if "backend" in type(m).__dict__ or hasattr(type(m), "backend"):
+            m.backend = "fastest"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        module(torch.randn(shape))
+    module = make()
+    monkeypatch.setenv("CONVMIXER_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="CONVMIXER_KERNELS_BACKEND"):
+        module(torch.randn(shape))
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    ("not a model", TypeError, "model: expected an nn.Module"),
+    (None, TypeError, "model: expected an nn.Module"),
+    (torch.randn(2), TypeError, "model: expected an nn.Module"),
+])
+def test_convert_rejects(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ck.convert(bad)
+
+
+def test_convert_rejects_backend_name():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ck.convert(_stock_convmixer(), backend="gpu")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_module_nan_and_inf_propagate_as_stock(entry, training):
+    """A module's output has the NaN/Inf pattern of the same stock modules in float64."""
+    from conftest import eager_copy, randomize_
+
+    make, shape = ENTRY_POINTS[entry]
+    module = randomize_(make()).train(training)
+    stock = eager_copy(module, torch.float64)
+    x = torch.randn(shape)
+    x[0, 1, 2, 3] = math.nan
+    x[1, 0, 0, 0] = math.inf
+    got, want = module(x), stock(x.double())
+    assert not torch.isfinite(want).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-4, atol=1e-4)
