@@ -236,12 +236,12 @@ __device__ void load_tile(float* s, const in_t* __restrict__ src, const Strides4
 
 // acc[q] += sum_{i,j} s[(i) * SW + q + j] * wc[i * k + j] for the PX outputs of a thread;
 // s points at the thread's first input (its row and column in the halo tile).
-// K > 0: kernel size as a compile-time constant (columns unrolled; rows too up to 13);
+// K > 0: kernel size as a compile-time constant (columns unrolled; rows too up to 7);
 // K == 0: run-time k.
 template <int K>
 __device__ __forceinline__ void conv_taps(const float* s, int SW, int k, const float* __restrict__ wc, float acc[PX]) {
   if constexpr (K > 0) {
-    constexpr int UNROLL_ROWS = K <= 13 ? K : 1;
+    constexpr int UNROLL_ROWS = K <= 7 ? K : 1;
 #pragma unroll UNROLL_ROWS
     for (int i = 0; i < K; ++i) {
       float seg[PX + K - 1];
@@ -310,7 +310,6 @@ __global__ void __launch_bounds__(THREADS) conv_kernel(const ConvArgs<in_t, out_
   const int64_t h = ti.h0 + l.row;
   const float b = (a.bias != nullptr && a.mode != kDgrad) ? a.bias[cw] : 0.0f;
   float sum = 0.0f, vals[PX];
-  int cnt = 0;
 #pragma unroll
   for (int q = 0; q < PX; ++q) {
     const int64_t w = ti.w0 + l.col0 + q;
@@ -329,7 +328,6 @@ __global__ void __launch_bounds__(THREADS) conv_kernel(const ConvArgs<in_t, out_
     if (a.mode == kTrain) {
       vals[q] = act;
       sum += act;
-      ++cnt;
       continue;
     }
     const float xv = s[g.pad * SW + g.pad + q];  // x at (h, w), from the staged tile
@@ -342,10 +340,9 @@ __global__ void __launch_bounds__(THREADS) conv_kernel(const ConvArgs<in_t, out_
   float m2 = 0.0f;
 #pragma unroll
   for (int q = 0; q < PX; ++q) {
-    if (q < cnt) {  // valid pixels of a thread are its first cnt columns
-      const float d = vals[q] - mean;
-      m2 += d * d;
-    }
+    const bool valid = cvalid && h < g.H && ti.w0 + l.col0 + q < g.W;
+    const float d = vals[q] - mean;
+    m2 += valid ? d * d : 0.0f;
   }
   m2 = warp_sum(m2);
   if (cvalid && (threadIdx.x & 31) == 0) {
