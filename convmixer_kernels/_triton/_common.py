@@ -76,3 +76,22 @@ def act_bwd(z, g, ACT: tl.constexpr):
 def invstd(var, eps):
     """1 / sqrt(var + eps), correctly rounded steps (the reference's rsqrt)."""
     return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+def pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1)."""
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def combine_tile_stats(pmean: torch.Tensor, pm2: torch.Tensor, count: int,
+                       block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance from per-tile (mean, M2) of ``count`` values cut
+    into tiles of ``block`` (the last one partial): Chan's parallel combination in
+    float64, reduced in a fixed order."""
+    tiles = pmean.shape[0]
+    cnt = torch.full((tiles, 1), float(block), dtype=torch.float64, device=pmean.device)
+    cnt[-1] = count - (tiles - 1) * block
+    pm = pmean.double()
+    mean = (pm * cnt).sum(0) / count
+    var = (pm2.double().sum(0) + (cnt * (pm - mean) ** 2).sum(0)) / count
+    return mean.float(), var.float()

@@ -47,7 +47,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .._spec import output_memory_format
-from ._common import ACT_CODES, act_bwd, act_fwd, interpreting, invstd, launch, needs_int64
+from ._common import (ACT_CODES, act_bwd, act_fwd, combine_tile_stats, interpreting, invstd,
+                      launch, needs_int64, pow2)
 
 
 # ---- device functions ---------------------------------------------------------------
@@ -318,13 +319,9 @@ def _wgrad(dz_ptr, x_ptr, pw_ptr, M, HO, WO, CIN, COUT, KDIM, ROWS_PER_SPLIT,
 
 # ---- launch configuration -----------------------------------------------------------
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
 def _fit(v: int, lo: int, hi: int) -> int:
     """The power of two >= v, clamped to [lo, hi] (tl.dot needs every dim >= 16)."""
-    return max(lo, min(hi, _pow2(v)))
+    return max(lo, min(hi, pow2(v)))
 
 
 def gemm_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
@@ -394,18 +391,6 @@ def _per_channel(t: Optional[Tensor], c: int, fill: float, like: Tensor) -> Tens
     if t is None:
         return torch.full((c,), fill, dtype=torch.float32, device=like.device)
     return t.detach().contiguous()
-
-
-def _combine(pmean: Tensor, pm2: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance from per-tile (mean, M2): Chan's parallel
-    combination in float64, reduced in a fixed order."""
-    tiles = pmean.shape[0]
-    cnt = torch.full((tiles, 1), float(block_m), dtype=torch.float64, device=pmean.device)
-    cnt[-1] = M - (tiles - 1) * block_m
-    pm = pmean.double()
-    mean = (pm * cnt).sum(0) / M
-    var = (pm2.double().sum(0) + (cnt * (pm - mean) ** 2).sum(0)) / M
-    return mean.float(), var.float()
 
 
 class Geometry:
@@ -479,7 +464,7 @@ def forward(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, r
         pm2 = torch.empty_like(pmean)
         launch(_fwd, grid, x, g.wmat, b, None, None, None, None, None, z, pmean, pm2,
                *common, MODE=1, STORE_Z=True, **meta)
-        mean, var = _combine(pmean, pm2, M, cfg["BLOCK_M"])
+        mean, var = combine_tile_stats(pmean, pm2, M, cfg["BLOCK_M"])
         ecfg = elementwise_config(M, C)
         launch(_norm, _grid2(M, C, ecfg), z, mean, var, bnw, bnb, out, M, g.ho, g.wo, C, eps,
                *_strides(out), ACT=act, IDX64=idx64, **ecfg)

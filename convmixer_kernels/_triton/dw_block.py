@@ -38,7 +38,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .._spec import output_memory_format
-from ._common import ACT_CODES, act_bwd, act_fwd, interpreting, invstd, launch, needs_int64
+from ._common import (ACT_CODES, act_bwd, act_fwd, combine_tile_stats, interpreting, invstd,
+                      launch, needs_int64, pow2)
 
 
 # ---- device functions ---------------------------------------------------------------
@@ -282,32 +283,28 @@ def _wgrad(dz_ptr, x_ptr, pw_ptr, N, C, H, W, TILES, TILES_PER_SPLIT,
 
 # ---- launch configuration -----------------------------------------------------------
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
 def elementwise_config(C: int, P: int) -> dict:
     """Tile of the pixel x channel kernels for P = N*H*W pixels. The interpreter (CPU
     tests) costs per program and per operation, not per element: there a program
     takes as many pixels as it can."""
     if interpreting():
-        bp = min(_pow2(P), 1024)
-        return dict(BLOCK_P=bp, BLOCK_C=min(_pow2(C), max(1, 65536 // bp)), num_warps=4)
+        bp = min(pow2(P), 1024)
+        return dict(BLOCK_P=bp, BLOCK_C=min(pow2(C), max(1, 65536 // bp)), num_warps=4)
     # 64 x 32 with 8 warps: no register spills at k <= 9 on sm_80/sm_90 (4 warps spill);
     # see python -m convmixer_kernels._triton.variants for the resource report.
-    return dict(BLOCK_P=64, BLOCK_C=min(32, _pow2(C)), num_warps=8)
+    return dict(BLOCK_P=64, BLOCK_C=min(32, pow2(C)), num_warps=8)
 
 
 def wgrad_config(C: int, P: int, K: int, device: torch.device) -> dict:
     if interpreting():
-        bt = min(_pow2(K * K), 32)
-        bp = min(_pow2(P), 256)
-        bc = min(_pow2(C), max(1, 262144 // (bt * bp)))
+        bt = min(pow2(K * K), 32)
+        bp = min(pow2(P), 256)
+        bc = min(pow2(C), max(1, 262144 // (bt * bp)))
         return dict(BLOCK_T=bt, BLOCK_P=bp, BLOCK_C=bc, num_warps=4, programs=1)
     sms = 132
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return dict(BLOCK_T=16, BLOCK_P=16, BLOCK_C=min(32, _pow2(C)), num_warps=4,
+    return dict(BLOCK_T=16, BLOCK_P=16, BLOCK_C=min(32, pow2(C)), num_warps=4,
                 programs=4 * sms)
 
 
@@ -327,18 +324,6 @@ def _wt(weight: Tensor) -> Tensor:
 
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().contiguous()
-
-
-def _combine(pmean: Tensor, pm2: Tensor, P: int, block_p: int) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance from per-tile (mean, M2): Chan's parallel
-    combination in float64, reduced in a fixed order."""
-    tiles = pmean.shape[0]
-    cnt = torch.full((tiles, 1), float(block_p), dtype=torch.float64, device=pmean.device)
-    cnt[-1] = P - (tiles - 1) * block_p
-    pm = pmean.double()
-    mean = (pm * cnt).sum(0) / P
-    var = (pm2.double().sum(0) + (cnt * (pm - mean) ** 2).sum(0)) / P
-    return mean.float(), var.float()
 
 
 # ---- the backend contract -----------------------------------------------------------
@@ -366,7 +351,7 @@ def forward(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, r
         launch(_fwd, grid, x, wt, b, None, None, bnw, bnb, out, z, pmean, pm2, N, C, H, W, eps,
                *_strides(x), *_strides(out), K=K, ACT=act, TRAIN=True, STORE_Z=True,
                HAS_BIAS=b is not None, **flags, **meta)
-        mean, var = _combine(pmean, pm2, P, cfg["BLOCK_P"])
+        mean, var = combine_tile_stats(pmean, pm2, P, cfg["BLOCK_P"])
         launch(_norm, grid, x, z, mean, var, bnw, bnb, out, N, C, H, W, eps,
                *_strides(x), *_strides(out), ACT=act, **flags, **meta)
     else:
