@@ -6,6 +6,10 @@ for a device type (DESIGN.md section 5 on GPU, smaller shapes on CPU). Providers
 
 - ``fused_<backend>``: our modules run by one backend (``fused_auto`` where the
   automatic choice mixes backends across a layer's ops);
+- ``fused_triton_layer`` (op ``layer``, mode ``inference``, GPU only): the
+  ConvMixerLayer as ONE Triton kernel (``convmixer_kernels.ops.layer``: the depthwise
+  block computed in the pointwise GEMM's prologue), to measure that split against the
+  two-kernel ``fused_triton``;
 - baselines, all with ``torch.backends.cudnn.benchmark = True`` on GPU:
   ``eager_nchw`` and ``eager_channels_last`` (the stock conv/act/BN modules, sharing
   the fused modules' parameters), ``compile`` (``torch.compile`` of that eager module)
@@ -23,7 +27,7 @@ from . import backends
 from ._roofline import IN_CHANS, Cost, model_cost, op_cost
 
 __all__ = ["OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
-           "Case", "ModelSpec", "case_set", "our_providers"]
+           "LAYER_FUSION_PROVIDER", "Case", "ModelSpec", "case_set", "our_providers"]
 
 OPS = ("dw_block", "pw_block", "patch_embed", "layer")
 MODES = ("inference", "forward", "forward_backward")
@@ -32,6 +36,7 @@ SUITES = ("ops", "sweep", "models", "paper")
 BASELINES = ("eager_nchw", "eager_channels_last", "compile", "compile_max_autotune")
 TIMM_BASELINES = ("resnet152", "deit_base_patch16_224", "resmlp_24_224", "mixer_b16_224", "convit_small")
 SWEEP_KERNEL_SIZES = tuple(range(3, 32, 2))
+LAYER_FUSION_PROVIDER = "fused_triton_layer"  # one-kernel eval layer (inference mode only)
 OP_USES = {"dw_block": ("dw_block",), "pw_block": ("pw_block",), "patch_embed": ("patch_embed",),
            "layer": ("dw_block", "pw_block")}
 
@@ -186,11 +191,13 @@ def _backend_covers(backend: str, case: Case, device: torch.device, dtype: torch
 
 
 def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
-                  requested: Optional[list[str]]) -> list[tuple[str, str]]:
+                  requested: Optional[list[str]], mode: Optional[str] = None) -> list[tuple[str, str]]:
     """(provider name, backend) of our modules for ``case``: each requested backend (default:
     every available one, except ``triton`` on CPU, where it runs only under Triton's
     interpreter) that can run every op of the case, plus ``fused_auto`` where the automatic
-    choice mixes backends."""
+    choice mixes backends, plus ``fused_triton_layer`` for a ``layer`` case in
+    ``mode == "inference"`` on a GPU where ``fused_triton`` runs (None: only the providers
+    of every mode)."""
     if case.kind == "timm":
         return []
     if requested is None:
@@ -198,6 +205,9 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
     else:
         names = [b for b in requested if b != "auto"]
     out = [(f"fused_{b}", b) for b in names if _backend_covers(b, case, device, dtype)]
+    if (mode == "inference" and case.op == "layer" and device.type != "cpu"
+            and ("fused_triton", "triton") in out):
+        out.append((LAYER_FUSION_PROVIDER, "triton"))
     x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
     auto = {backends.resolve("auto", op, x) for op in case.ops_used}
     if "auto" in (requested or ()) or (requested is None and len(auto) > 1):

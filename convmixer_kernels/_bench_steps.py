@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._bench_cases import Case
+from ._bench_cases import LAYER_FUSION_PROVIDER, Case
 from .convert import set_backend
 from .modules import ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple
 
-__all__ = ["Built", "build", "eager_forward", "EagerTwin"]
+__all__ = ["Built", "build", "eager_forward", "EagerTwin", "LayerFusion"]
 
 MAX_INPUT_SETS = 8
 
@@ -53,6 +53,24 @@ class EagerTwin(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return eager_forward(self.fused, x)
+
+
+class LayerFusion(nn.Module):
+    """A ``ConvMixerLayer`` in eval run as one fused-layer op (``fused_triton_layer``);
+    raises, naming the reason, where the layer cannot be fused (never times the two-op
+    path under this name)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .ops.layer import layer_blocker, layer_module_eval
+
+        reason = layer_blocker(self.layer, x)
+        if reason is not None:
+            raise RuntimeError(f"{LAYER_FUSION_PROVIDER}: the layer cannot run fused: {reason}")
+        return layer_module_eval(self.layer, x)
 
 
 @torch.no_grad()
@@ -123,6 +141,9 @@ class Built:
             yield _step(self, f, xs, mode), (lambda: _forward(f, xs[0], mode))
 
     def _callable(self, provider: str, backend: Optional[str]) -> Callable[[Tensor], Tensor]:
+        if provider == LAYER_FUSION_PROVIDER:
+            set_backend(self.module, backend)
+            return LayerFusion(self.module)
         if provider.startswith("fused_"):
             set_backend(self.module, backend)
             return self.module

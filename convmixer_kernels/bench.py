@@ -6,7 +6,9 @@ ConvMixers; forward_backward is a training step with an SGD optimizer) and ``pap
 (inference img/s of the ConvMixers beside the timm models of the paper's table).
 Modes: ``inference``, ``forward`` (training-mode forward), ``forward_backward``.
 
-Providers: ``fused_<backend>`` for each available backend of ours, and the baselines
+Providers: ``fused_<backend>`` for each available backend of ours (on GPU, for the
+``layer`` op in ``inference`` mode, also ``fused_triton_layer``: the whole layer as one
+Triton kernel, beside the two-kernel ``fused_triton``), and the baselines
 ``eager_nchw``, ``eager_channels_last``, ``compile`` (torch.compile, default mode) and
 ``compile_max_autotune`` (with ``--max-autotune``); on GPU all run with
 ``torch.backends.cudnn.benchmark = True``. Speedup = best baseline median / the row's
@@ -193,14 +195,14 @@ def _plan(a: argparse.Namespace, device: torch.device, cases: list[Case]) -> lis
     for case in cases:
         modes = ["inference"] if case.suite == "paper" else a.modes
         for dtype in a.dtypes:
-            ours = our_providers(case, device, DTYPES[dtype], a.backends)
-            if a.backends is not None:
-                missing = [b for b in a.backends if b != "auto" and ("fused_" + b, b) not in ours]
-                if missing and case.kind != "timm":
-                    reasons = "; ".join(_why(b, case, device, DTYPES[dtype]) for b in missing)
-                    raise SystemExit(f"error: argument --backends: {reasons}")
-            providers = ours + [(b, None) for b in _baselines(a)]
-            plan.extend((case, dtype, mode, providers) for mode in modes)
+            for mode in modes:  # some providers run in one mode only (fused_triton_layer)
+                ours = our_providers(case, device, DTYPES[dtype], a.backends, mode)
+                if a.backends is not None:
+                    missing = [b for b in a.backends if b != "auto" and ("fused_" + b, b) not in ours]
+                    if missing and case.kind != "timm":
+                        reasons = "; ".join(_why(b, case, device, DTYPES[dtype]) for b in missing)
+                        raise SystemExit(f"error: argument --backends: {reasons}")
+                plan.append((case, dtype, mode, ours + [(b, None) for b in _baselines(a)]))
     return plan
 
 

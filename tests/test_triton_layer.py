@@ -258,3 +258,54 @@ def test_float64_needs_reference_backend():
     with torch.no_grad():
         out = layer_eval(**a, backend="reference")
     torch.testing.assert_close(out, stock(a, "gelu", torch.float64), rtol=1e-12, atol=1e-12)
+
+
+# ---- the benchmark provider -----------------------------------------------------------
+
+def test_bench_provider_offered_for_gpu_layer_inference_only():
+    from convmixer_kernels._bench_cases import LAYER_FUSION_PROVIDER, MODES, case_set, our_providers
+    for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+        dev = torch.device(device)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        for case in case_set(device, "ops", quick=True):
+            for mode in (None,) + MODES:
+                names = [p for p, _ in our_providers(case, dev, dtype, None, mode)]
+                offered = LAYER_FUSION_PROVIDER in names
+                want = (device == "cuda" and case.op == "layer" and mode == "inference"
+                        and "fused_triton" in names)
+                assert offered == want, (device, case.op, mode, names)
+    # on CPU not even when triton (the interpreter) is requested explicitly
+    case = next(c for c in case_set("cpu", "ops", quick=True) if c.op == "layer")
+    names = [p for p, _ in our_providers(case, torch.device("cpu"), torch.float32, ["triton"],
+                                         "inference")]
+    assert names == ["fused_triton"]
+
+
+def test_bench_provider_runs_the_fused_layer():
+    """Built.provider('fused_triton_layer') runs the layer through layer_eval (a tiny case,
+    here under the interpreter) and matches the two-op fused_triton provider."""
+    import dataclasses
+
+    from convmixer_kernels import _bench_steps
+    from convmixer_kernels._bench_cases import LAYER_FUSION_PROVIDER, case_set
+    case = next(c for c in case_set("cpu", "ops", quick=True) if c.op == "layer")
+    case = dataclasses.replace(case, N=2, C_in=8, C_out=8, H=5, W=6, k=3)
+    built = _bench_steps.build(case, torch.device(DEVICE), torch.float32, l2_bytes=1)
+    calls = []
+    real = _bench_steps.LayerFusion.forward
+
+    def spy(self, x):
+        calls.append(x.shape)
+        return real(self, x)
+
+    with mock.patch.object(_bench_steps.LayerFusion, "forward", spy):
+        with built.provider(LAYER_FUSION_PROVIDER, "triton", "inference") as (step, forward):
+            fused = forward()
+            step()
+    assert len(calls) == 2
+    with built.provider("fused_triton", "triton", "inference") as (step, forward):
+        two = forward()
+    torch.testing.assert_close(fused, two, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fused_triton_layer: the layer cannot run fused"):
+        with built.provider(LAYER_FUSION_PROVIDER, "triton", "forward") as (step, forward):
+            forward()

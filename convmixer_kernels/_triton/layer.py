@@ -21,9 +21,10 @@ C_out recomputes the depthwise conv of its rows: the depthwise work is multiplie
 ``ceil(C_out / BLOCK_N)``, on CUDA cores (k*k FMAs per element per column tile) while
 the GEMM runs on tensor cores. So it can pay only when C_out / BLOCK_N is small: the
 GPU tiling takes BLOCK_N up to 256 (one column tile for C_out <= 256, the CIFAR
-ConvMixer-256; 3 for C=768, 6 for C=1536) with BLOCK_M = 64 rows and BLOCK_K = 32
-channels a step (a 64 x 256 float32 accumulator is 64 registers a thread over 8 warps,
-leaving room for the prologue's 64 x 32 tile). Whether it beats the two-op split
+ConvMixer-256; 3 for C=768, 6 for C=1536) with BLOCK_M = 64 rows and BLOCK_K = 16
+channels a step over 8 warps (a 64 x 256 float32 accumulator is 64 registers a thread;
+the prologue's unrolled taps need most of the rest: BLOCK_K = 32 spills in NCHW on
+sm_90, see ``layer_config``). Whether it beats the two-op split
 (dw_block kernel + pw_block GEMM) is a GPU measurement: the benchmark provider
 ``fused_triton_layer`` (op ``layer``, mode ``inference``) times it beside
 ``fused_triton``.
@@ -113,8 +114,10 @@ def layer_config(M: int, C: int, COUT: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_M=_fit(M, 16, 512), BLOCK_N=_fit(COUT, 16, 256),
                     BLOCK_K=_fit(C, 16, 128), GROUP_M=1, num_warps=4)
-    bk = 16 if dtype == torch.float32 else 32
-    return dict(BLOCK_M=64, BLOCK_N=_fit(COUT, 16, 256), BLOCK_K=_fit(C, 16, bk), GROUP_M=8,
+    # sm_90 resources at C = C_out = 1536, k = 9 (python -m convmixer_kernels._triton.variants):
+    # BLOCK_K 16 keeps the unrolled taps' addresses in registers (no spills in either
+    # layout); BLOCK_K 32 spilled in NCHW, BLOCK_M 128 or 4 warps spilled everywhere.
+    return dict(BLOCK_M=64, BLOCK_N=_fit(COUT, 16, 256), BLOCK_K=16, GROUP_M=8,
                 num_warps=8, num_stages=2)
 
 
