@@ -253,7 +253,7 @@ def test_float64_needs_reference_backend():
     reference backend runs it."""
     a = {k: v.double() if isinstance(v, torch.Tensor) else v
          for k, v in make_args(1, 4, 4, 3, 3, 3, torch.float32, "nchw").items()}
-    with pytest.raises(backends.BackendUnavailable, match="float32, bfloat16, float16"):
+    with pytest.raises(backends.BackendUnavailable, match="triton.*float32, bfloat16, float16"):
         layer_eval(**a)
     with torch.no_grad():
         out = layer_eval(**a, backend="reference")
@@ -309,3 +309,21 @@ def test_bench_provider_runs_the_fused_layer():
     with pytest.raises(RuntimeError, match="fused_triton_layer: the layer cannot run fused"):
         with built.provider(LAYER_FUSION_PROVIDER, "triton", "forward") as (step, forward):
             forward()
+
+
+def test_proposed_forward_route_compiles_fullgraph():
+    """The ConvMixerLayer.forward route (``layer_blocker`` then ``layer_module_eval``) traces
+    with no graph break under torch.compile and gives the two-op result."""
+    class Fusing(ck.ConvMixerLayer):
+        def forward(self, x):
+            if layer_blocker(self, x) is None:
+                return layer_module_eval(self, x)
+            return super().forward(x)
+
+    layer = randomize_(Fusing(8, kernel_size=3, activation="relu", backend="triton"))
+    layer = layer.to(DEVICE).eval()
+    x = make_input((2, 8, 5, 5), torch.float32, "channels_last", device=DEVICE)
+    with torch.no_grad():
+        out = torch.compile(layer, fullgraph=True)(x)
+        want = ck.ConvMixerLayer.forward(layer, x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

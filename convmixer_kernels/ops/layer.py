@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _activations, _validate, backends, reference
+from .._ranges import block_range
 from .._spec import DW_BLOCK, PW_BLOCK, output_memory_format
 
 __all__ = ["layer_eval_op", "layer_eval", "layer_blocker", "layer_module_eval", "BACKENDS"]
@@ -108,10 +109,7 @@ def layer_eval(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
                                  "torch.inference_mode(), or detach the input")
     if backend == "triton":
         for op in ("dw_block", "pw_block"):
-            reason = backends.get("triton").unavailable(op, x)
-            if reason is not None:
-                raise backends.BackendUnavailable(
-                    f"backend 'triton' cannot run layer_eval: {reason}")
+            backends.resolve("triton", op, x)  # raises BackendUnavailable with the reason
     return layer_eval_op(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var,
                          float(eps1), act1, pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean,
                          bn2_var, float(eps2), act2, backend)
@@ -160,8 +158,9 @@ def layer_module_eval(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` for a ``ConvMixerLayer`` in eval mode by one ``layer_eval`` call
     (check ``layer_blocker(layer, x)`` first)."""
     dwconv, act1, bn1, pwconv, act2, bn2 = _children(layer)
-    return layer_eval(x, dwconv.weight, dwconv.bias, bn1.weight, bn1.bias, bn1.running_mean,
-                      bn1.running_var, pwconv.weight, pwconv.bias, bn2.weight, bn2.bias,
-                      bn2.running_mean, bn2.running_var, eps1=bn1.eps, eps2=bn2.eps,
-                      act1=_activations.name_of(act1), act2=_activations.name_of(act2),
-                      backend="triton")
+    with block_range(layer_eval):  # a profiler range, as the blocks have
+        return layer_eval(x, dwconv.weight, dwconv.bias, bn1.weight, bn1.bias, bn1.running_mean,
+                          bn1.running_var, pwconv.weight, pwconv.bias, bn2.weight, bn2.bias,
+                          bn2.running_mean, bn2.running_var, eps1=bn1.eps, eps2=bn2.eps,
+                          act1=_activations.name_of(act1), act2=_activations.name_of(act2),
+                          backend="triton")
