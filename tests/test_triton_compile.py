@@ -60,7 +60,25 @@ def test_collector_sees_every_depthwise_kernel(tmp_path):
     proc = _run(["-c", code], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     modules = eval(proc.stdout.strip().splitlines()[-1])
-    assert {"convmixer_kernels._triton.dw_block", "convmixer_kernels._triton._gemm"} <= set(modules)
+    assert {"convmixer_kernels._triton.dw_block", "convmixer_kernels._triton._gemm",
+            "convmixer_kernels._triton.layer"} <= set(modules)
+
+
+def test_collector_sees_the_fused_layer_in_both_layouts(tmp_path):
+    """The fused eval layer at the headline shape (C = C_out = 1536, k = 9): bf16 in NCHW and
+    channels_last, and fp16, fp32 (the --quick set that sm_80 compiles)."""
+    code = textwrap.dedent("""
+        from convmixer_kernels._triton import variants
+        vs = [v for v in variants.collect(quick=True)
+              if v.kernel.fn.__module__.endswith("._triton.layer")]
+        print([(dict(v.signature)["x_ptr"], dict(v.constexprs).get("sxc") == 1,
+                dict(v.constexprs)["K"]) for v in vs])
+    """)
+    proc = _run(["-c", code], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    found = eval(proc.stdout.strip().splitlines()[-1])
+    assert {("*bf16", False, 9), ("*bf16", True, 9), ("*fp16", False, 9),
+            ("*fp32", False, 9)} <= set(found), found
 
 
 def test_a_kernel_that_does_not_compile_is_reported(tmp_path):

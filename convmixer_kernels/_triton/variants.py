@@ -2,7 +2,8 @@
 
 The backend's own ``forward``/``backward`` run on ``meta`` tensors with launches
 recorded instead of executed (``_common._recorder``), for the benchmark shapes of
-DESIGN.md section 5 in every dtype, layout and mode; each distinct (kernel,
+DESIGN.md section 5 in every dtype, layout and mode (and the fused eval layer of
+``layer.py`` at the layer shapes); each distinct (kernel,
 signature, constexprs, launch options) is then compiled with ``triton.compile`` for
 the requested GPU architectures. No GPU is needed, so CI runs it::
 
@@ -155,6 +156,32 @@ def _run_gemm(op, n, cin, h, w, cout, p, dtype, act, layouts) -> None:
         module.backward(g, x, wt, vec, vec, mean, var, pre, True, 1e-5, act, mask)
 
 
+def _layer_cases(quick: bool) -> Iterable[tuple]:
+    """The fused eval layer (``layer.py``) at the benchmark's layer shapes (the depthwise
+    shapes, C_out = C) in bf16, the headline shape also in channels_last and in fp16 and
+    fp32 (the layout and dtypes of ``bench --full``)."""
+    shapes = DW_SHAPES[:1] if quick else DW_SHAPES
+    for i, (n, c, h, w, k, acts) in enumerate(shapes):
+        for dtype in DTYPES if i == 0 else (torch.bfloat16,):
+            for act in acts:
+                layouts = _BOTH if i == 0 and dtype == torch.bfloat16 else _NCHW
+                yield n, c, h, w, k, dtype, act, layouts
+
+
+def _run_layer(n, c, h, w, k, dtype, act, layouts) -> None:
+    """What ``ConvMixerLayer`` launches with layer fusion in eval (inference only)."""
+    from . import layer
+
+    meta = dict(device="meta", dtype=dtype)
+    for fmt in layouts:
+        x = torch.empty(n, c, h, w, memory_format=fmt, **meta)
+        dw, pw, vec = (torch.empty(c, 1, k, k, **meta), torch.empty(c, c, 1, 1, **meta),
+                       torch.empty(c, **meta))
+        stats = torch.empty(c, device="meta", dtype=torch.float32)
+        layer.forward(x, dw, vec, vec, vec, stats, stats, 1e-5, act, pw, vec, vec, vec,
+                      stats, stats, 1e-5, act)
+
+
 def collect(quick: bool = False) -> list[Variant]:
     """Every distinct kernel variant launched for the benchmark cases, in launch order."""
     found: dict[Variant, None] = {}
@@ -173,6 +200,8 @@ def collect(quick: bool = False) -> list[Variant]:
         if {"pw_block", "patch_embed"} <= set(TritonBackend.MODULES):
             for case in _gemm_cases(quick):
                 _run_gemm(*case)
+            for case in _layer_cases(quick):
+                _run_layer(*case)
     finally:
         _common._recorder = None
     return list(found)
