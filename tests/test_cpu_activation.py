@@ -263,3 +263,35 @@ def test_bad_input():
         run(torch.zeros(3, dtype=torch.int32), "relu")
     with pytest.raises(ValueError, match="activation: expected one of"):
         run(torch.zeros(3), "swish")
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_vector_paths_agree_bit_for_bit(z_sweep, monkeypatch, activation):
+    """The AVX-512 code (used where the CPU has it) and the AVX2 code (forced with
+    CONVMIXER_KERNELS_CPU_ISA=avx2, the path of machines without AVX-512) give the same
+    bits, NaN included, over the sweep and for every length around the vector widths; so
+    the accuracy tests above cover both paths."""
+    z = torch.cat([z_sweep, torch.randn(100_003) * 3, torch.randn(1000) * 8])
+    a, d = run(z, activation)
+    monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", "avx2")
+    a2, d2 = run(z, activation)
+    assert torch.equal(a.view(torch.int32), a2.view(torch.int32))
+    assert torch.equal(d.view(torch.int32), d2.view(torch.int32))
+    for n in list(range(1, 40)) + [255, 256, 257]:
+        zn = torch.randn(n) * 2.5
+        zn[n // 2] = 5.0  # one lane out of the fast range in some vector
+        monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", "avx2")
+        a2, d2 = run(zn, activation)
+        monkeypatch.delenv("CONVMIXER_KERNELS_CPU_ISA")
+        a1, d1 = run(zn, activation)
+        assert torch.equal(a1, a2) and torch.equal(d1, d2), n
+    if not _has_avx512():
+        pytest.skip("no AVX-512 on this CPU: both runs took the AVX2 path")

@@ -355,9 +355,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor preact = save_preact ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
-  // Training stores z in preact, or in out as scratch until the statistics are known.
-  at::Tensor zbuf = save_preact ? preact : out;
-  const Strides4 sx(x), so(out), sz(zbuf);
+  // Training keeps act(z) of every tile, in float32 and tile order (contiguous, read once
+  // more in pass 2), until the statistics are known: pass 2 neither re-reads z through the
+  // layout-aware reader nor evaluates the activation again.
+  const int64_t blocks = Cpad / CB;
+  at::Tensor acache = use_batch_stats ? at::empty({N * blocks * HW * CB}, x.options().dtype(at::kFloat))
+                                      : at::empty({0}, x.options().dtype(at::kFloat));
+  float* const acp = acache.data_ptr<float>();
+  const Strides4 sx(x), so(out), sz(save_preact ? preact : out);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const float* wp = wpack.data_ptr<float>();
   Affine aff;
@@ -381,13 +386,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
   };
 
-  // Pass 1: conv; eval writes out directly, training writes z and per-plane statistics.
+  // Pass 1: conv; eval writes out directly, training act(z) to the cache and per-plane statistics.
   for_each_tile(N, C, g, false, [&](const Tile& t, int64_t b, Workspace& ws) {
     float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data();
     read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
     conv_tile(P, g, wp + b * kk * CB, bpack.data() + t.c0, Z, W);
     round_tile<scalar_t>(Z, HW * CB);
-    if (save_preact || use_batch_stats) write_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
+    if (save_preact) write_tile(preact.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
+    if (use_batch_stats) A = acp + (t.n * blocks + b) * HW * CB;
     act_forward(act, Z, A, HW * CB);
     if (use_batch_stats) {
       double m[CB], q[CB];
@@ -411,13 +417,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     }
   finalize_stats(cm, cq, N, C, HW, mean, var);
   aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
-  // Pass 2: out = x + act(z) * scale + shift.
-  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t, Workspace& ws) {
-    float *P = ws.P.data(), *Z = ws.Z.data();
+  // Pass 2: out = x + act(z) * scale + shift, act(z) from the cache.
+  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t b, Workspace& ws) {
+    float* P = ws.P.data();
     read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
-    read_tile(zbuf.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
-    act_forward(act, Z, Z, HW * CB);
-    residual_affine(P, Z, ws.OUT.data(), t.c0);
+    residual_affine(P, acp + (t.n * blocks + b) * HW * CB, ws.OUT.data(), t.c0);
     write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W);
   });
   return {out, mean, var, preact};
