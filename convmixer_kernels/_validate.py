@@ -41,12 +41,15 @@ def _kernel_size(spec: BlockSpec, weight: Tensor) -> int:
 def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tensor],
                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 training: object, momentum: object, eps: object) -> None:
+                 training: object, momentum: object, eps: object, local_batch: bool = False) -> None:
+    """``local_batch``: x is one rank's share of a synchronized BatchNorm's batch, which may
+    be empty (N = 0) and may hold a single value per channel (the count that matters is
+    the global one, checked once the ranks' counts are combined)."""
     x = _tensor("x", x)
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
-    if n == 0 or c == 0 or h == 0 or w == 0:
+    if (n == 0 and not local_batch) or c == 0 or h == 0 or w == 0:
         raise ValueError(f"x: every dimension of (N, C, H, W) must be >= 1, got {tuple(x.shape)}")
     weight = _tensor("weight", weight)
     if weight.dim() != 4:
@@ -96,7 +99,7 @@ def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tens
                         f"got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    if training:
+    if training and not local_batch:
         ho, wo = spec.out_shape(x, weight)[2:]
         if n * ho * wo <= 1:
             raise ValueError(f"x: training-mode BatchNorm needs more than one value per channel, "

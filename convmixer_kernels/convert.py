@@ -24,10 +24,10 @@ from typing import Optional
 from torch import Tensor, nn
 
 from . import _activations, backends
-from .modules import (ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple,
-                      run_fused)
+from .modules import (ConvMixerLayer, DepthwiseBlock, FusedOptions, PatchEmbed, PointwiseBlock,
+                      _FusedTriple, run_fused)
 
-__all__ = ["convert", "set_backend", "FusedSequential"]
+__all__ = ["convert", "set_backend", "set_memory_saving", "convert_sync_batchnorm", "FusedSequential"]
 
 FUSED_TYPES = (DepthwiseBlock, _FusedTriple, ConvMixerLayer)
 
@@ -79,10 +79,8 @@ def _runs(seq: nn.Sequential) -> list[int]:
     return [i for i in range(len(mods) - 2) if triple_class(*mods[i:i + 3]) is not None]
 
 
-class FusedSequential(nn.Sequential):
+class FusedSequential(FusedOptions, nn.Sequential):
     """A Sequential whose (conv, act, BN) runs execute as fused ops; other children as usual."""
-
-    backend: Optional[str] = None
 
     def forward(self, x: Tensor) -> Tensor:
         mods, i = list(self), 0
@@ -91,7 +89,7 @@ class FusedSequential(nn.Sequential):
             if cls is None:
                 x, i = mods[i](x), i + 1
             else:
-                x, i = run_fused(cls._fn, x, *mods[i:i + 3], self.backend), i + 3
+                x, i = run_fused(cls._fn, x, *mods[i:i + 3], self), i + 3
         return x
 
 
@@ -130,11 +128,49 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     if backend is not None:
         backends.check_name(backend)
     for m in model.modules():
-        if isinstance(m, FUSED_TYPES + (FusedSequential,)):
+        if isinstance(m, FusedOptions):
             if backend is None:
                 m.__dict__.pop("backend", None)
             else:
                 m.backend = backend
     return model
+
+
+def set_memory_saving(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn the memory-saving training mode on or off for every fused module inside
+    ``model``: backward recomputes each block's pre-activation from its input instead of
+    saving it (one activation-sized tensor less per block, one more convolution in
+    backward; the same gradients, bit for bit). Returns ``model``."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    for m in model.modules():
+        if isinstance(m, FusedOptions):
+            m.memory_saving = enabled
+    return model
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: object = None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` for models holding fused modules.
+
+    Every fused module inside ``module`` synchronizes its BatchNorm over
+    ``process_group`` (None: the default group) in training; every other BatchNorm
+    layer is replaced by ``nn.SyncBatchNorm`` (the stock helper). Parameters,
+    buffers and state_dict keys are unchanged. Returns the converted module (a new
+    object only when ``module`` itself is a plain BatchNorm layer, as the stock helper).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+    if isinstance(module, FusedOptions):
+        for m in module.modules():
+            if isinstance(m, FusedOptions):
+                m.sync_bn, m.process_group = True, process_group
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        new = convert_sync_batchnorm(child, process_group)
+        if new is not child:
+            module.add_module(name, new)
+    return module
 
 

@@ -7,6 +7,18 @@ running statistics, if given, are updated in place with ``momentum``; with
 ``training=False`` the running statistics normalise. ``backend`` picks the
 implementation (see ``convmixer_kernels.backends``); None means the environment
 variable ``CONVMIXER_KERNELS_BACKEND``, else ``auto``.
+
+Keyword-only options of all three:
+
+- ``memory_saving=True``: for training, save only the block input and the
+  per-channel statistics for backward and recompute the pre-activation there
+  (one more convolution in backward, one activation-sized tensor less per block).
+  Gradients are the same bits as without it.
+- ``sync_bn=True``: synchronized BatchNorm (``nn.SyncBatchNorm``'s semantics) over
+  ``process_group`` (None: the default group) when training with batch statistics
+  in an initialized ``torch.distributed`` run of more than one rank; a plain block
+  otherwise. See ``convmixer_kernels._sync``. A rank may then pass an empty batch
+  (N = 0), as with ``nn.SyncBatchNorm``.
 """
 from __future__ import annotations
 
@@ -15,7 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validate, backends
+from . import _sync, _validate, backends
 from ._spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec
 from .ops import BLOCK_OPS
 
@@ -48,7 +60,8 @@ def _autocast_dtype(x: object) -> Optional[torch.dtype]:
 
 
 def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-           training, momentum, eps, activation, backend) -> Tensor:
+           training, momentum, eps, activation, backend, memory_saving=False, sync_bn=False,
+           process_group=None) -> Tensor:
     """Validate, resolve the backend, run the op, update the running statistics.
 
     Under ``torch.autocast`` the block does what the stock modules do there: the
@@ -67,14 +80,27 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
                 for t in (x, weight, bias)]
         with torch.autocast(x.device.type, enabled=False):
             out = _block(spec, *cast, bn_weight, bn_bias, running_mean, running_var,
-                         training, momentum, eps, activation, backend)
+                         training, momentum, eps, activation, backend, memory_saving, sync_bn,
+                         process_group)
         return out.to(in_dtype) if spec.residual else out
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__}")
+    if not isinstance(memory_saving, bool):
+        raise TypeError(f"memory_saving: expected a bool, got {type(memory_saving).__name__}")
+    sync = sync_bn and isinstance(training, bool) and _sync.needs_sync(process_group, training)
     _validate.block_inputs(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           training, momentum, eps)
+                           training, momentum, eps, local_batch=sync)
     activation = _validate.activation(activation)
     name = backends.resolve(backend, spec.name, x)
+    if sync:
+        out, mean, var, count = _sync.sync_block(spec, x, weight, bias, bn_weight, bn_bias, eps,
+                                                 activation, name, process_group)
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, count, momentum)
+        return out
     params = (x, weight, bias, bn_weight, bn_bias)
-    save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    save_preact = (not memory_saving and torch.is_grad_enabled()
+                   and any(t is not None and t.requires_grad for t in params))
     stats_in = (None, None) if training else (running_mean, running_var)
     out, mean, var, _ = BLOCK_OPS[spec.name].forward(
         x, weight, bias, bn_weight, bn_bias, *stats_in, training, float(eps), activation,
@@ -88,31 +114,37 @@ def dw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
              bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
              running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
              training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
-             activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+             activation: str = "gelu", backend: Optional[str] = None, *,
+             memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
     """Residual depthwise block: x (N, C, H, W), weight (C, 1, k, k), k odd ->
     x + BN(act(dwconv_k(x) + bias)) of shape (N, C, H, W), 'same' zero padding."""
     return _block(DW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                  training, momentum, eps, activation, backend)
+                  training, momentum, eps, activation, backend, memory_saving, sync_bn,
+                process_group)
 
 
 def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
              bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
              running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
              training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
-             activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+             activation: str = "gelu", backend: Optional[str] = None, *,
+             memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
     """Pointwise block: x (N, Cin, H, W), weight (Cout, Cin, 1, 1) ->
     BN(act(conv1x1(x) + bias)) of shape (N, Cout, H, W)."""
     return _block(PW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                  training, momentum, eps, activation, backend)
+                  training, momentum, eps, activation, backend, memory_saving, sync_bn,
+                process_group)
 
 
 def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                 training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
-                activation: str = "gelu", backend: Optional[str] = None) -> Tensor:
+                activation: str = "gelu", backend: Optional[str] = None, *,
+             memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
     """Patch embedding: img (N, Cin, H, W), weight (Cout, Cin, p, p) ->
     BN(act(conv_p_stride_p(img) + bias)) of shape (N, Cout, H // p, W // p)
     (trailing rows/columns that do not fill a patch are dropped, as nn.Conv2d does)."""
     return _block(PATCH_EMBED, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                  training, momentum, eps, activation, backend)
+                  training, momentum, eps, activation, backend, memory_saving, sync_bn,
+                process_group)

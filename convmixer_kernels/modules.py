@@ -5,24 +5,41 @@ Each fused module holds the stock modules (``nn.Conv2d``, the activation,
 match timm's ``ConvMixer`` exactly, and runs them as one fused op. BatchNorm
 behaves exactly as ``nn.BatchNorm2d`` (``momentum=None`` cumulative average,
 ``num_batches_tracked``, ``track_running_stats=False``, ``affine=False``). Each
-module has a ``backend`` attribute (None: ``CONVMIXER_KERNELS_BACKEND`` or ``auto``).
+module has a ``backend`` attribute (None: ``CONVMIXER_KERNELS_BACKEND`` or ``auto``)
+and two training options, set per module or on a whole model:
+
+- ``memory_saving`` (``set_memory_saving``): save only the block input and the
+  per-channel statistics for backward, recompute the pre-activation there;
+- ``sync_bn`` and ``process_group`` (``convert_sync_batchnorm``): synchronized
+  BatchNorm across the ranks of ``process_group`` (None: the default group), as
+  ``nn.SyncBatchNorm``; see ``convmixer_kernels._sync``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
 from . import _activations, backends, functional
+from .ops import layer as _layer_op
 from ._ranges import block_range
 
 __all__ = ["DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer"]
 
 
+class FusedOptions:
+    """The per-module options every fused module has (class defaults; set on instances)."""
+
+    backend: Optional[str] = None
+    memory_saving: bool = False
+    sync_bn: bool = False
+    process_group: Any = None
+
+
 def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
-              bn: nn.BatchNorm2d, backend: Optional[str]) -> Tensor:
+              bn: nn.BatchNorm2d, owner: FusedOptions) -> Tensor:
     """Run ``bn(act(conv(x)))`` (plus the residual for ``dw_block``) as one fused op,
-    with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``)."""
+    with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``) and ``owner``'s options."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -37,20 +54,19 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
         return fn(x, conv.weight, conv.bias, bn.weight, bn.bias,
                   bn.running_mean if keep else None, bn.running_var if keep else None,
                   training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
-                  backend=backend)
+                  backend=owner.backend, memory_saving=owner.memory_saving, sync_bn=owner.sync_bn,
+                  process_group=owner.process_group)
 
 
 def _bn(dim: int, eps: float, momentum: Optional[float], dd: dict) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(dim, eps=eps, momentum=momentum, **dd)
 
 
-class DepthwiseBlock(nn.Module):
+class DepthwiseBlock(FusedOptions, nn.Module):
     """x + BN(act(dwconv_k(x) + b)): timm's ``Residual(Sequential(conv, act, bn))``.
 
     x (N, dim, H, W) -> (N, dim, H, W). Children: ``fn.0`` conv, ``fn.1`` act, ``fn.2`` BN.
     """
-
-    backend: Optional[str] = None
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -66,17 +82,16 @@ class DepthwiseBlock(nn.Module):
             self.backend = backends.check_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_fused(functional.dw_block, x, self.fn[0], self.fn[1], self.fn[2], self.backend)
+        return run_fused(functional.dw_block, x, self.fn[0], self.fn[1], self.fn[2], self)
 
 
-class _FusedTriple(nn.Sequential):
+class _FusedTriple(FusedOptions, nn.Sequential):
     """Sequential(conv, act, BN) run as one fused op (keys ``0.*`` and ``2.*`` as timm's)."""
 
-    backend: Optional[str] = None
     _fn: Callable[..., Tensor]
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self.backend)
+        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self)
 
 
 class PointwiseBlock(_FusedTriple):
@@ -112,14 +127,12 @@ class PatchEmbed(_FusedTriple):
             self.backend = backends.check_name(backend)
 
 
-class ConvMixerLayer(nn.Sequential):
+class ConvMixerLayer(FusedOptions, nn.Sequential):
     """One ConvMixer layer: ``DepthwiseBlock`` then the pointwise block.
 
     Children as timm's layer: ``0`` DepthwiseBlock (``0.fn.*``), ``1`` 1x1 conv,
     ``2`` act, ``3`` BN. x (N, dim, H, W) -> (N, dim, H, W).
     """
-
-    backend: Optional[str] = None
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -132,9 +145,17 @@ class ConvMixerLayer(nn.Sequential):
         if backend is not None:
             self.backend = backends.check_name(backend)
 
+    # Eval + no grad + triton: the whole layer as one Triton kernel (the pointwise GEMM's
+    # prologue computes the depthwise block; see convmixer_kernels/_triton/layer.py). Off
+    # by default: which split is faster is for a GPU run of the bench provider
+    # ``fused_triton_layer`` against ``fused_triton`` to show.
+    layer_fusion: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.layer_fusion and _layer_op.layer_blocker(self, x) is None:
+            return _layer_op.layer_module_eval(self, x)
         x = self[0](x)
-        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self.backend)
+        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self)
 
 
 class ConvMixer(nn.Module):

@@ -327,3 +327,24 @@ def test_proposed_forward_route_compiles_fullgraph():
         out = torch.compile(layer, fullgraph=True)(x)
         want = ck.ConvMixerLayer.forward(layer, x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_fusion_switch_routes_conv_mixer_layer():
+    """``ConvMixerLayer.layer_fusion = True``: eval + no grad runs one layer_eval call and
+    gives the two-op result; with grad mode it falls back to the two ops."""
+    from convmixer_kernels.ops import layer as layer_mod
+
+    layer = randomize_(ck.ConvMixerLayer(8, kernel_size=3, backend="triton")).to(DEVICE).eval()
+    x = make_input((2, 8, 5, 5), torch.float32, "nchw", device=DEVICE)
+    with torch.no_grad():
+        want = layer(x)
+    layer.layer_fusion = True
+    calls = []
+    real = layer_mod.layer_module_eval
+    with mock.patch.object(layer_mod, "layer_module_eval", lambda *a: calls.append(1) or real(*a)):
+        with torch.no_grad():
+            got = layer(x)
+        assert len(calls) == 1
+        layer(x)  # grad mode, parameters require grad: the two ops
+        assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
