@@ -26,7 +26,7 @@ import torch
 from . import backends
 from ._roofline import IN_CHANS, Cost, model_cost, op_cost
 
-__all__ = ["OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
+__all__ = ["MEMORY_SAVING_SUFFIX", "OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
            "LAYER_FUSION_PROVIDER", "Case", "ModelSpec", "case_set", "our_providers"]
 
 OPS = ("dw_block", "pw_block", "patch_embed", "layer")
@@ -37,6 +37,7 @@ BASELINES = ("eager_nchw", "eager_channels_last", "compile", "compile_max_autotu
 TIMM_BASELINES = ("resnet152", "deit_base_patch16_224", "resmlp_24_224", "mixer_b16_224", "convit_small")
 SWEEP_KERNEL_SIZES = tuple(range(3, 32, 2))
 LAYER_FUSION_PROVIDER = "fused_triton_layer"  # one-kernel eval layer (inference mode only)
+MEMORY_SAVING_SUFFIX = "_memsave"  # fused_<backend>_memsave: memory-saving training (forward_backward)
 OP_USES = {"dw_block": ("dw_block",), "pw_block": ("pw_block",), "patch_embed": ("patch_embed",),
            "layer": ("dw_block", "pw_block")}
 
@@ -196,8 +197,11 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
     every available one, except ``triton`` on CPU, where it runs only under Triton's
     interpreter) that can run every op of the case, plus ``fused_auto`` where the automatic
     choice mixes backends, plus ``fused_triton_layer`` for a ``layer`` case in
-    ``mode == "inference"`` on a GPU where ``fused_triton`` runs (None: only the providers
-    of every mode)."""
+    ``mode == "inference"`` on a GPU where ``fused_triton`` runs, plus, in
+    ``mode == "forward_backward"``, ``fused_<b>_memsave``: the memory-saving training mode
+    (``set_memory_saving``) of the backend ``b`` that ``auto`` picks (or the first one
+    listed), whose peak memory the run compares with the default mode's and eager's
+    (None: only the providers of every mode)."""
     if case.kind == "timm":
         return []
     if requested is None:
@@ -209,6 +213,11 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
             and ("fused_triton", "triton") in out):
         out.append((LAYER_FUSION_PROVIDER, "triton"))
     x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+    plain = [b for _, b in out if b in names]
+    if mode == "forward_backward" and plain:
+        preferred = backends.resolve("auto", case.ops_used[0], x)
+        b = preferred if preferred in plain else plain[0]
+        out.append((f"fused_{b}{MEMORY_SAVING_SUFFIX}", b))
     auto = {backends.resolve("auto", op, x) for op in case.ops_used}
     if "auto" in (requested or ()) or (requested is None and len(auto) > 1):
         out.append(("fused_auto", "auto"))

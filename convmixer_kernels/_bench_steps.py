@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._bench_cases import LAYER_FUSION_PROVIDER, Case
-from .convert import set_backend
+from ._bench_cases import LAYER_FUSION_PROVIDER, MEMORY_SAVING_SUFFIX, Case
+from .convert import set_backend, set_memory_saving
 from .modules import ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple
 
 __all__ = ["Built", "build", "eager_forward", "EagerTwin", "LayerFusion"]
@@ -141,6 +141,7 @@ class Built:
             yield _step(self, f, xs, mode), (lambda: _forward(f, xs[0], mode))
 
     def _callable(self, provider: str, backend: Optional[str]) -> Callable[[Tensor], Tensor]:
+        set_memory_saving(self.module, provider.endswith(MEMORY_SAVING_SUFFIX))
         if provider == LAYER_FUSION_PROVIDER:
             set_backend(self.module, backend)
             return LayerFusion(self.module)

@@ -8,7 +8,9 @@ Modes: ``inference``, ``forward`` (training-mode forward), ``forward_backward``.
 
 Providers: ``fused_<backend>`` for each available backend of ours (on GPU, for the
 ``layer`` op in ``inference`` mode, also ``fused_triton_layer``: the whole layer as one
-Triton kernel, beside the two-kernel ``fused_triton``), and the baselines
+Triton kernel, beside the two-kernel ``fused_triton``; in ``forward_backward`` mode also
+``fused_<backend>_memsave``, the memory-saving training mode of the backend ``auto``
+picks, to compare peak memory with ``--memory``), and the baselines
 ``eager_nchw``, ``eager_channels_last``, ``compile`` (torch.compile, default mode) and
 ``compile_max_autotune`` (with ``--max-autotune``); on GPU all run with
 ``torch.backends.cudnn.benchmark = True``. Speedup = best baseline median / the row's

@@ -42,7 +42,20 @@ def rows(tiny_run) -> list[dict]:
 def test_every_requested_row_present(rows):
     keys = sorted((r["op"], r["mode"], r["provider"]) for r in rows)
     ops = bench.OPS + ("convmixer_cifar_256_8",)
-    assert keys == sorted((op, mode, p) for op in ops for mode in bench.MODES for p in PROVIDERS)
+    want = [(op, mode, p) for op in ops for mode in bench.MODES for p in PROVIDERS]
+    want += [(op, "forward_backward", "fused_cpu_memsave") for op in ops]  # auto's choice on CPU
+    assert keys == sorted(want)
+
+
+def test_memory_saving_provider_uses_less_memory(rows):
+    """The memory-saving training mode's peak is below the default mode's (it keeps one
+    activation-sized tensor less per block); the comparison with eager is the run's
+    figure to report (at these tiny shapes fixed costs dominate it)."""
+    for op in bench.OPS + ("convmixer_cifar_256_8",):
+        peak = {r["provider"]: r["peak_mem_mb"] for r in rows
+                if r["op"] == op and r["mode"] == "forward_backward"}
+        print(op, peak)
+        assert peak["fused_cpu_memsave"] < peak["fused_cpu"], op
 
 
 def test_triton_left_out_on_cpu_by_default(rows):
@@ -63,8 +76,9 @@ def test_row_values(rows):
         assert r["max_abs_diff"] < 1e-4, r  # every provider computes the same thing
         assert r["device"] and r["device_type"] == "cpu" and r["sm_count"] == os.cpu_count()
         assert r["torch"] and r["dtype"] == "float32" and r["timestamp"] and r["run_id"]
-        assert r["kind"] == ("ours" if r["provider"] in OURS else "baseline")
-        assert r["backend"] == (r["provider"][len("fused_"):] if r["kind"] == "ours" else r["provider"])
+        assert r["kind"] == ("ours" if r["provider"] in OURS + ("fused_cpu_memsave",) else "baseline")
+        ours_backend = r["provider"][len("fused_"):].removesuffix("_memsave")
+        assert r["backend"] == (ours_backend if r["kind"] == "ours" else r["provider"])
         assert (r["img_per_s"] == "") == (r["op"] in bench.OPS)
 
 
@@ -120,18 +134,20 @@ def test_subset_table_progress_and_append(tmp_path, capsys):
     out_rows = bench.run(args)
     assert {(r["op"], r["mode"]) for r in out_rows} == {("pw_block", "inference"),
                                                         ("pw_block", "forward_backward")}
-    assert {r["provider"] for r in out_rows} == {"fused_reference", "eager_nchw", "eager_channels_last"}
+    assert {r["provider"] for r in out_rows} == {"fused_reference", "eager_nchw", "eager_channels_last",
+                                                 "fused_reference_memsave"}
+    assert {r["mode"] for r in out_rows if r["provider"].endswith("_memsave")} == {"forward_backward"}
     captured = capsys.readouterr()
     table_lines = [ln for ln in captured.out.splitlines() if ln.startswith("pw_block")]
-    assert len(table_lines) == 6 and "fused_reference" in captured.out
+    assert len(table_lines) == 7 and "fused_reference" in captured.out
     assert "roofline ceilings" in captured.out and "float32" in captured.out
-    assert "[6/6]" in captured.err  # progress lines go to stderr
+    assert "[7/7]" in captured.err  # progress lines go to stderr
     bench.run(args)
     text = path.read_text()
     assert text.count("run_id,suite,op") == 1  # no second header
     with open(path, newline="") as f:
         read = list(csv.DictReader(f))
-    assert len(read) == 12 and len({r["run_id"] for r in read}) >= 1
+    assert len(read) == 14 and len({r["run_id"] for r in read}) >= 1
 
 
 def test_csv_of_another_format_is_refused(tmp_path, capsys):
