@@ -103,3 +103,33 @@ def test_rejects_what_it_cannot_run():
         torch.ops.convmixer_kernels.dw_block_forward_kernel(args[0].double(), args[1].double(), *args[2:])
     with pytest.raises(ValueError, match="activation"):
         torch.ops.convmixer_kernels.dw_block_forward_kernel(*args[:9], "swish", False)
+
+
+@pytest.mark.parametrize("k", [3, 9, 11])
+@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 8, 32, 32), (2, 19, 5, 1)], ids=str)
+def test_avx2_and_avx512_paths_agree(monkeypatch, shape, k):
+    """CONVMIXER_KERNELS_CPU_ISA=avx2 forces the AVX2 code where the CPU has AVX-512 (the
+    default there): forward (eval and train) and backward give the same bits either way,
+    except the weight gradient (its sums run over pixel pairs in the AVX-512 code), so the
+    reference comparisons above cover both paths."""
+    results = []
+    for isa in (None, "avx2"):
+        if isa is None:
+            monkeypatch.delenv("CONVMIXER_KERNELS_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", isa)
+        torch.manual_seed(0)
+        got = []
+        for training in (False, True):
+            args = args_for(shape, k, torch.float32, "nchw", training, False)
+            fwd = CPU.forward("dw_block", *args)
+            bargs = (torch.randn_like(fwd[0]), *args[:4], fwd[1], fwd[2], fwd[3], training, 1e-5, "gelu",
+                     [True] * 5)
+            got += list(fwd) + list(CPU.backward("dw_block", *bargs))
+        results.append(got)
+    names = ("out", "mean", "var", "preact", "dx", "dweight", "dbias", "dbn_weight", "dbn_bias") * 2
+    for name, a, b in zip(names, *results):
+        if name == "dweight":
+            close(name, a, b, torch.float32)  # float32 sums in another order
+        else:
+            assert torch.equal(a, b), name

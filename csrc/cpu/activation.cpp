@@ -63,6 +63,18 @@ Act parse_act(const std::string& name) {
   TORCH_CHECK_VALUE(false, "activation: expected one of 'gelu', 'gelu_tanh', 'relu', got '", name, "'");
 }
 
+// A getenv per call (calls cover thousands of elements) costs nothing.
+bool use_avx512() {
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+  static const bool hw = __builtin_cpu_supports("avx512f");
+  if (!hw) return false;
+  const char* isa = std::getenv("CONVMIXER_KERNELS_CPU_ISA");
+  return isa == nullptr || std::strcmp(isa, "avx2") != 0;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 // The element functions must be inlined into the simd loops (a call would stop GCC from
@@ -764,19 +776,6 @@ void run_gelu(const float* z, float* a, float* d, int64_t n) {
 #pragma GCC pop_options
 #endif
 
-// Which vector code the activations use: AVX-512 where the CPU has it, unless the
-// environment variable CONVMIXER_KERNELS_CPU_ISA=avx2 asks for the AVX2 code (tests run
-// both). Read at each call (a getenv per call of a few thousand elements costs nothing).
-bool use_avx512() {
-#ifdef CMK_HAVE_AVX512_PATH
-  static const bool hw = __builtin_cpu_supports("avx512f");
-  if (!hw) return false;
-  const char* isa = std::getenv("CONVMIXER_KERNELS_CPU_ISA");
-  return isa == nullptr || std::strcmp(isa, "avx2") != 0;
-#else
-  return false;
-#endif
-}
 
 template <Act kAct>
 void run_forward(const float* z, float* a, int64_t n) {

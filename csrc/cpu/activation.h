@@ -22,5 +22,10 @@ void act_forward(Act act, const float* z, float* a, int64_t n);
 // a[i] = act(z[i]) and d[i] = act'(z[i]) for i < n (for backward: xhat needs a, dz needs act').
 void act_forward_deriv(Act act, const float* z, float* a, float* d, int64_t n);
 
+// true when the CPU kernels use their AVX-512 code: the CPU has avx512f and the build has
+// the AVX-512 paths, unless CONVMIXER_KERNELS_CPU_ISA=avx2 (read at each call) asks for the
+// AVX2 code. Both give the same bits.
+bool use_avx512();
+
 }  // namespace cpu
 }  // namespace convmixer_kernels

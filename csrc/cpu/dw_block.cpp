@@ -9,6 +9,12 @@
 // that stays in L1/L2, so one AVX2 vector holds the 8 channels of a pixel. The k x k taps
 // then run branch-free over it with 2 rows x 4 pixels of outputs in registers (taps
 // unrolled for k = 3, 5, 7, 9; a run-time loop for other k).
+// Where the CPU has AVX-512 (use_avx512(), activation.h; CONVMIXER_KERNELS_CPU_ISA=avx2
+// forces the AVX2 code) the conv and the weight gradient run on 16-float vectors holding 2
+// neighbouring pixels (2 rows x 8 pixels per register block); the conv gives the same bits
+// as the AVX2 code, the weight gradient sums pixel pairs first (same to rounding).
+// Training forward keeps act(z) of every tile in a float32 buffer (one activation's size,
+// tile order) between the statistics pass and the normalise pass.
 // Results go back through the same layout-aware tile writer. Statistics and weight
 // gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
 // not depend on the number of threads (deterministic for a given input).
@@ -30,17 +36,18 @@ namespace cpu {
 namespace {
 
 constexpr int64_t CB = 8;  // channels per tile: one AVX2 vector of float32
-constexpr int64_t PX = 4;  // output pixels per register block along W
+constexpr int64_t PX = 4;  // output pixels per register block along W (AVX2)
+constexpr int64_t PX512 = 8;  // the same for the AVX-512 code: 4 vectors of 2 pixels
 
 // Tile buffers are channel-interleaved: element (h, w, cc) of a tile buffer with row
 // stride `rs` pixels lives at ((h * rs) + w) * CB + cc, so one vector holds the CB
 // channels of a pixel and every tap is an aligned load.
 struct Plane {
   int64_t H, W, k, p;
-  int64_t Wp;  // pixels per padded row: round_up(W, PX) + 2p (register blocks may read past W)
+  int64_t Wp;  // pixels per padded row: round_up(W, PX512) + 2p (register blocks may read past W)
   int64_t Hp;  // padded rows: H + 2p
   Plane(int64_t H_, int64_t W_, int64_t k_) : H(H_), W(W_), k(k_), p(k_ / 2) {
-    Wp = (W + PX - 1) / PX * PX + 2 * p;
+    Wp = (W + PX512 - 1) / PX512 * PX512 + 2 * p;
     Hp = H + 2 * p;
   }
   int64_t size() const { return Hp * Wp * CB; }                      // floats of a padded buffer
@@ -168,7 +175,123 @@ void conv_tile_k(const float* P, const Plane& g, const float* wt, const float* b
       conv_block<K, 1>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX, g.W - w0));
 }
 
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+// AVX-512 version of conv_tile_k (used where use_avx512() says so): one vector holds the CB
+// channels of 2 neighbouring pixels, a register block is ROWS rows x PX512 pixels. Each
+// output is bias + the taps in the same order with the same FMAs as the AVX2 code: the
+// same bits.
+#define CMK_DW_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, its own avx512 intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
+namespace avx512 {
+
+constexpr int NV = PX512 / 2;  // vectors per row of a register block
+
+inline __m512 dup8(const float* p) {  // the CB floats at p, in both halves
+  return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+
+template <int K, int ROWS>
+inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, __m512 bias, int64_t h,
+                       int64_t w0, float* out, int64_t out_rs, int64_t nw) {
+  const int64_t kk = K > 0 ? K : k;
+  __m512 acc[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = bias;
+  for (int64_t i = 0; i < kk; ++i) {
+    const float* wrow = wt + i * kk * CB;
+    for (int64_t j = 0; j < kk; ++j) {
+      const __m512 wv = dup8(wrow + j * CB);
+      for (int r = 0; r < ROWS; ++r) {
+        const float* in = P + ((h + r + i) * Wp + w0 + j) * CB;
+        for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(in + q * 2 * CB), wv, acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < NV; ++q) {
+      float* o = out + ((h + r) * out_rs + w0 + 2 * q) * CB;
+      if (2 * q + 2 <= nw) {
+        _mm512_storeu_ps(o, acc[r][q]);
+      } else if (2 * q < nw) {
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(0x00ff), acc[r][q]);
+      }
+    }
+}
+
+template <int K>
+void conv_tile_k(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
+  const __m512 b = dup8(bias);
+  int64_t h = 0;
+  for (; h + 2 <= g.H; h += 2)
+    for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
+      conv_block<K, 2>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
+  if (h < g.H)
+    for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
+      conv_block<K, 1>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
+}
+
 void conv_tile(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
+  switch (g.k) {
+    case 3: return avx512::conv_tile_k<3>(P, g, wt, bias, out, out_rs);
+    case 5: return avx512::conv_tile_k<5>(P, g, wt, bias, out, out_rs);
+    case 7: return avx512::conv_tile_k<7>(P, g, wt, bias, out, out_rs);
+    case 9: return avx512::conv_tile_k<9>(P, g, wt, bias, out, out_rs);
+    default: return avx512::conv_tile_k<0>(P, g, wt, bias, out, out_rs);
+  }
+}
+
+// wgrad_taps (below) on 2 pixels per vector: dw(i, j) += sum_{h,w} D(h, w) P(h + i, w + j),
+// the two halves summed at the end (an odd last pixel with a masked FMA, so no 0 * inf).
+template <int J>
+void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64_t j0, double* dw) {
+  __m512 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < g.H; ++h) {
+    const float* prow = P + ((h + i) * g.Wp + j0) * CB;
+    const float* drow = D + h * g.W * CB;
+    int64_t w = 0;
+    for (; w + 2 <= g.W; w += 2) {
+      const __m512 d = _mm512_loadu_ps(drow + w * CB);
+      for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j]);
+    }
+    if (w < g.W) {  // P has at least k - 1 padding pixels after W: the full load stays inside
+      const __mmask16 lo = 0x00ff;
+      const __m512 d = _mm512_maskz_loadu_ps(lo, drow + w * CB);
+      for (int j = 0; j < J; ++j)
+        acc[j] = _mm512_mask3_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j], lo);
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    float tmp[CB];
+    const __m256 lo = _mm512_castps512_ps256(acc[j]);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1));
+    _mm256_storeu_ps(tmp, _mm256_add_ps(lo, hi));
+    for (int cc = 0; cc < CB; ++cc) dw[((i * g.k) + j0 + j) * CB + cc] += tmp[cc];
+  }
+}
+
+void wgrad_tile(const float* P, const Plane& g, const float* D, double* dw) {
+  for (int64_t i = 0; i < g.k; ++i) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= g.k; j0 += 8) avx512::wgrad_taps<8>(P, g, D, i, j0, dw);
+    for (; j0 + 4 <= g.k; j0 += 4) avx512::wgrad_taps<4>(P, g, D, i, j0, dw);
+    for (; j0 < g.k; ++j0) avx512::wgrad_taps<1>(P, g, D, i, j0, dw);
+  }
+}
+
+}  // namespace avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+void conv_tile(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
+#ifdef CMK_DW_AVX512
+  if (use_avx512()) return avx512::conv_tile(P, g, wt, bias, out, out_rs);
+#endif
   switch (g.k) {  // common kernel sizes unrolled; the rest through the generic loop
     case 3: return conv_tile_k<3>(P, g, wt, bias, out, out_rs);
     case 5: return conv_tile_k<5>(P, g, wt, bias, out, out_rs);
@@ -200,6 +323,9 @@ void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64
 }
 
 void wgrad_tile(const float* P, const Plane& g, const float* D, double* dw) {
+#ifdef CMK_DW_AVX512
+  if (use_avx512()) return avx512::wgrad_tile(P, g, D, dw);
+#endif
   for (int64_t i = 0; i < g.k; ++i) {
     int64_t j0 = 0;
     for (; j0 + 8 <= g.k; j0 += 8) wgrad_taps<8>(P, g, D, i, j0, dw);
