@@ -67,7 +67,10 @@ def check_converted(original: nn.Module, img: torch.Tensor, training: bool) -> N
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ["convmixer_768_32", "convmixer_1536_20"])
 def test_timm_convert(name, training):
+    """timm's model, its trunk cut to its first 3 layers (every layer has the same
+    structure; the float64 comparison of all 20-32 took minutes of the CI budget)."""
     model = timm.create_model(name, pretrained=False)
+    model.blocks = model.blocks[:3]
     check_converted(model, torch.randn(2, 3, 28, 35), training)
     converted = ck.convert(copy.deepcopy(model))
     assert isinstance(converted.blocks[0], ck.ConvMixerLayer)
