@@ -133,3 +133,13 @@ def test_avx2_and_avx512_paths_agree(monkeypatch, shape, k):
             close(name, a, b, torch.float32)  # float32 sums in another order
         else:
             assert torch.equal(a, b), name
+
+
+def test_plane_too_large_for_the_tile_buffers_is_refused_by_name():
+    """A plane whose per-thread float32 buffer would exceed 1 GiB: a ValueError naming x and
+    the way out, not std::bad_alloc."""
+    x = torch.empty(1, 1, 6000, 6000).uniform_()
+    w = torch.randn(1, 1, 3, 3)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    with pytest.raises(ValueError, match=r"x: planes of 6000x6000 .*backend='reference'"):
+        ck.dw_block(x, w, running_mean=rm, running_var=rv, backend="cpu")

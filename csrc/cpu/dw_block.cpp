@@ -377,6 +377,16 @@ at::Tensor pack_weights(const at::Tensor& weight, int64_t C, int64_t k, bool fli
   return full.view({blocks, CB, kk}).transpose(1, 2).contiguous();
 }
 
+// Each thread buffers whole padded planes of CB channels (float32); refuse planes whose
+// buffers would not fit in memory with a message saying so, instead of std::bad_alloc.
+void check_plane_fits(const Plane& g) {
+  constexpr int64_t kMaxBufferFloats = int64_t(1) << 28;  // 1 GiB per buffer
+  TORCH_CHECK_VALUE(g.size() <= kMaxBufferFloats, "x: planes of ", g.H, "x", g.W,
+                    " are too large for the cpu depthwise kernel, which buffers a padded plane of ", CB,
+                    " channels per thread (", g.size() * 4 / (1 << 20), " MiB per buffer, limit ",
+                    kMaxBufferFloats * 4 / (1 << 20), " MiB); use backend='reference' for them");
+}
+
 std::vector<float> pad_channels(const c10::optional<at::Tensor>& t, int64_t C, int64_t padded) {
   std::vector<float> out(padded, 0.f);
   if (t.has_value()) {
@@ -473,6 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     bool use_batch_stats, double eps, Act act, bool save_preact) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
+  check_plane_fits(g);
   const int64_t kk = g.k * g.k, Cpad = (C + CB - 1) / CB * CB;
   const auto fmt = output_format(x);
   const at::Tensor wpack = pack_weights(weight, C, g.k, false);
@@ -560,6 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& preact_in, bool use_batch_stats, double eps, Act act, const std::vector<bool>& mask) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
+  check_plane_fits(g);
   const int64_t k = g.k, kk = k * k, blocks = (C + CB - 1) / CB, Cpad = blocks * CB;
   const Affine aff = make_affine(mean, var, bn_weight, c10::nullopt, eps, Cpad);
   const at::Tensor wpack = pack_weights(weight, C, k, false), wflip = pack_weights(weight, C, k, true);
