@@ -135,3 +135,26 @@ def test_set_backend_reaches_every_fused_module():
     assert all(m.backend is None for m in fused)
     with pytest.raises(ValueError, match="backend"):
         ck.set_backend(model, "fastest")
+
+
+@pytest.mark.parametrize("fmt,want_cl", [("default", True), (torch.contiguous_format, False),
+                                         (None, False)])
+def test_convmixer_trunk_layout(fmt, want_cl):
+    """The trunk runs channels_last by default (every block's output in that layout) and
+    NCHW on request; None keeps the image's layout. Logits agree to rounding."""
+    kw = {} if fmt == "default" else {"memory_format": fmt}
+    model = randomize_(ck.ConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=5, **kw)).eval()
+    nchw = randomize_(ck.ConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=5,
+                                   memory_format=torch.contiguous_format)).eval()
+    nchw.load_state_dict(model.state_dict())
+    layouts = []
+    for m in (model.stem, *model.blocks):
+        m.register_forward_hook(lambda mod, inp, out: layouts.append(
+            out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    img = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        out = model(img)
+        torch.testing.assert_close(out, nchw(img), rtol=1e-5, atol=1e-5)
+    assert layouts == [want_cl] * 3
+    with pytest.raises(ValueError, match="memory_format"):
+        ck.ConvMixer(8, 1, memory_format=torch.preserve_format)
