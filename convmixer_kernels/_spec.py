@@ -45,12 +45,51 @@ SPECS: dict[str, BlockSpec] = {s.name: s for s in (DW_BLOCK, PW_BLOCK, PATCH_EMB
 
 
 def output_memory_format(x: Tensor) -> "torch.memory_format":
-    """Layout of every activation-shaped result: channels_last for a channels_last
-    input (one that is not also plain contiguous), NCHW-contiguous otherwise
-    (strided views included). Fakes and kernels both follow this rule."""
+    """x's layout as the blocks read it: channels_last for a channels_last tensor (one
+    that is not also plain contiguous), NCHW-contiguous otherwise (strided views
+    included). dw_block's output and every block's dx follow this rule; pw_block's and
+    patch_embed's output follow their ``out_format`` (``resolve_out_format``), which is
+    this rule only for ``memory_format=torch.preserve_format``/None."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# Output layouts of the GEMM blocks (pw_block, patch_embed) as the ops and kernels name
+# them: the ``out_format`` argument of their schemas.
+OUT_FORMATS: dict[str, "torch.memory_format"] = {
+    "channels_last": torch.channels_last,
+    "contiguous": torch.contiguous_format,
+}
+
+
+def out_format_name(fmt: "torch.memory_format") -> str:
+    """The ``out_format`` string of a concrete layout (torch.channels_last or
+    torch.contiguous_format)."""
+    return "channels_last" if fmt == torch.channels_last else "contiguous"
+
+
+def out_memory_format(out_format: str) -> "torch.memory_format":
+    """The layout an ``out_format`` string names; ValueError naming ``out_format`` otherwise."""
+    try:
+        return OUT_FORMATS[out_format]
+    except (KeyError, TypeError):
+        raise ValueError(f"out_format: expected one of {tuple(OUT_FORMATS)}, "
+                         f"got {out_format!r}") from None
+
+
+def resolve_out_format(memory_format: object, x: Tensor) -> str:
+    """The concrete ``out_format`` of a GEMM block's ``memory_format`` option:
+    torch.channels_last -> 'channels_last', torch.contiguous_format -> 'contiguous',
+    torch.preserve_format or None -> x's layout (``output_memory_format(x)``).
+    Anything else: ValueError naming ``memory_format``."""
+    if memory_format is None or memory_format is torch.preserve_format:
+        return out_format_name(output_memory_format(x))
+    if memory_format is torch.channels_last or memory_format is torch.contiguous_format:
+        return out_format_name(memory_format)
+    raise ValueError("memory_format: expected torch.channels_last (the default), "
+                     "torch.contiguous_format (NCHW), torch.preserve_format or None (follow "
+                     f"the input's layout), got {memory_format!r}")
 
 
 def stats_dtype(x: Tensor) -> "torch.dtype":

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _activations
-from ._spec import BlockSpec, output_memory_format, stats_dtype
+from ._spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
 from .ops import BLOCK_OPS
 
 __all__ = ["needs_sync", "sync_block"]
@@ -101,8 +101,9 @@ class _SyncBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                 bn_bias: Optional[Tensor], spec: BlockSpec, eps: float, activation: str, backend: str,
-                group: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                group: Any, out_format: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         op = BLOCK_OPS[spec.name]
+        fmt = op.fmt_args(out_format)
         cout = weight.shape[0]
         empty = x.shape[0] == 0
         sdt = stats_dtype(x)
@@ -111,16 +112,17 @@ class _SyncBlock(torch.autograd.Function):
             preact = x.new_empty(0)
         else:
             _, mean, var, preact = op.forward(x, weight, bias, None, None, None, None, True, eps,
-                                              activation, True, backend)
+                                              activation, True, *fmt, backend)
             count = preact.numel() // cout
         gmean64, gvar64, total = _global_stats(count, mean, var, group)
         gmean, gvar = gmean64.to(sdt), gvar64.to(sdt)
         if empty:
             out = torch.empty(spec.out_shape(x, weight), dtype=x.dtype, device=x.device,
-                              memory_format=output_memory_format(x))
+                              memory_format=out_memory_format(out_format) if fmt
+                              else output_memory_format(x))
         else:
             out = op.forward(x, weight, bias, bn_weight, bn_bias, gmean, gvar, False, eps,
-                             activation, False, backend)[0]
+                             activation, False, *fmt, backend)[0]
         ctx.save_for_backward(x, weight, bias, bn_weight, gmean, gvar, preact)
         ctx.config = (spec, eps, activation, backend, group, total)
         ctx.bn_bias_dtype = None if bn_bias is None else bn_bias.dtype
@@ -165,14 +167,16 @@ class _SyncBlock(torch.autograd.Function):
                 db.to(bias.dtype) if mask[2] else None,
                 s_dyx.to(bn_weight.dtype) if need[3] and bn_weight is not None else None,
                 s_dy.to(ctx.bn_bias_dtype) if need[4] and ctx.bn_bias_dtype is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def sync_block(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, activation: str,
-               backend: str, process_group: Any) -> tuple[Tensor, Tensor, Tensor, int]:
+               backend: str, process_group: Any,
+               out_format: str = "contiguous") -> tuple[Tensor, Tensor, Tensor, int]:
     """The training-mode block with global batch statistics -> (out, global mean, global
-    biased var, global count per channel)."""
+    biased var, global count per channel). ``out_format``: out's layout for the GEMM
+    blocks (see ``convmixer_kernels.ops._block``); dw_block's follows x."""
     out, mean, var, total = _SyncBlock.apply(x, weight, bias, bn_weight, bn_bias, spec, float(eps),
-                                             activation, backend, process_group)
+                                             activation, backend, process_group, out_format)
     return out, mean, var, int(total)

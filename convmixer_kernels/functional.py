@@ -8,6 +8,14 @@ running statistics, if given, are updated in place with ``momentum``; with
 implementation (see ``convmixer_kernels.backends``); None means the environment
 variable ``CONVMIXER_KERNELS_BACKEND``, else ``auto``.
 
+Output layout: ``pw_block`` and ``patch_embed`` take a keyword-only ``memory_format``:
+``torch.channels_last`` (the default: what the next depthwise block reads best),
+``torch.contiguous_format`` (NCHW), or ``torch.preserve_format``/None (follow the
+input's layout: channels_last for a channels_last input, NCHW otherwise, strided views
+included). The kernels write that layout directly; values are the same in every layout.
+``dw_block``'s output follows its input's layout (it is residual). Gradients with respect
+to the input follow the input's layout in all three.
+
 Keyword-only options of all three:
 
 - ``memory_saving=True``: for training, save only the block input and the
@@ -28,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _sync, _validate, backends
-from ._spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec
+from ._spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, resolve_out_format
 from .ops import BLOCK_OPS
 
 __all__ = ["dw_block", "pw_block", "patch_embed"]
@@ -61,7 +69,7 @@ def _autocast_dtype(x: object) -> Optional[torch.dtype]:
 
 def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
            training, momentum, eps, activation, backend, memory_saving=False, sync_bn=False,
-           process_group=None) -> Tensor:
+           process_group=None, memory_format=torch.preserve_format) -> Tensor:
     """Validate, resolve the backend, run the op, update the running statistics.
 
     Under ``torch.autocast`` the block does what the stock modules do there: the
@@ -81,7 +89,7 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
         with torch.autocast(x.device.type, enabled=False):
             out = _block(spec, *cast, bn_weight, bn_bias, running_mean, running_var,
                          training, momentum, eps, activation, backend, memory_saving, sync_bn,
-                         process_group)
+                         process_group, memory_format)
         return out.to(in_dtype) if spec.residual else out
     if not isinstance(sync_bn, bool):
         raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__}")
@@ -91,10 +99,12 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     _validate.block_inputs(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                            training, momentum, eps, local_batch=sync)
     activation = _validate.activation(activation)
+    out_format = resolve_out_format(memory_format, x)
+    op = BLOCK_OPS[spec.name]
     name = backends.resolve(backend, spec.name, x)
     if sync:
         out, mean, var, count = _sync.sync_block(spec, x, weight, bias, bn_weight, bn_bias, eps,
-                                                 activation, name, process_group)
+                                                 activation, name, process_group, out_format)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, count, momentum)
         return out
@@ -102,9 +112,9 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     save_preact = (not memory_saving and torch.is_grad_enabled()
                    and any(t is not None and t.requires_grad for t in params))
     stats_in = (None, None) if training else (running_mean, running_var)
-    out, mean, var, _ = BLOCK_OPS[spec.name].forward(
+    out, mean, var, _ = op.forward(
         x, weight, bias, bn_weight, bn_bias, *stats_in, training, float(eps), activation,
-        save_preact, name)
+        save_preact, *op.fmt_args(out_format), name)
     if training and running_mean is not None:
         _update_running(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
     return out
@@ -117,7 +127,8 @@ def dw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
              activation: str = "gelu", backend: Optional[str] = None, *,
              memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
     """Residual depthwise block: x (N, C, H, W), weight (C, 1, k, k), k odd ->
-    x + BN(act(dwconv_k(x) + bias)) of shape (N, C, H, W), 'same' zero padding."""
+    x + BN(act(dwconv_k(x) + bias)) of shape (N, C, H, W), 'same' zero padding, in x's
+    layout (channels_last for a channels_last x, NCHW otherwise)."""
     return _block(DW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   training, momentum, eps, activation, backend, memory_saving, sync_bn,
                 process_group)
@@ -128,12 +139,15 @@ def pw_block(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
              running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
              training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
              activation: str = "gelu", backend: Optional[str] = None, *,
-             memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
+             memory_saving: bool = False, sync_bn: bool = False, process_group=None,
+             memory_format: Optional[torch.memory_format] = torch.channels_last) -> Tensor:
     """Pointwise block: x (N, Cin, H, W), weight (Cout, Cin, 1, 1) ->
-    BN(act(conv1x1(x) + bias)) of shape (N, Cout, H, W)."""
+    BN(act(conv1x1(x) + bias)) of shape (N, Cout, H, W), channels_last by default
+    (``memory_format``: torch.contiguous_format for NCHW, torch.preserve_format or None
+    to follow x's layout)."""
     return _block(PW_BLOCK, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   training, momentum, eps, activation, backend, memory_saving, sync_bn,
-                process_group)
+                  process_group, memory_format)
 
 
 def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -141,10 +155,13 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                 training: bool = False, momentum: Momentum = 0.1, eps: float = 1e-5,
                 activation: str = "gelu", backend: Optional[str] = None, *,
-             memory_saving: bool = False, sync_bn: bool = False, process_group=None) -> Tensor:
+                memory_saving: bool = False, sync_bn: bool = False, process_group=None,
+                memory_format: Optional[torch.memory_format] = torch.channels_last) -> Tensor:
     """Patch embedding: img (N, Cin, H, W), weight (Cout, Cin, p, p) ->
     BN(act(conv_p_stride_p(img) + bias)) of shape (N, Cout, H // p, W // p)
-    (trailing rows/columns that do not fill a patch are dropped, as nn.Conv2d does)."""
+    (trailing rows/columns that do not fill a patch are dropped, as nn.Conv2d does),
+    channels_last by default (``memory_format``: torch.contiguous_format for NCHW,
+    torch.preserve_format or None to follow the image's layout)."""
     return _block(PATCH_EMBED, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                   training, momentum, eps, activation, backend, memory_saving, sync_bn,
-                process_group)
+                  process_group, memory_format)

@@ -13,6 +13,12 @@ and two training options, set per module or on a whole model:
 - ``sync_bn`` and ``process_group`` (``convert_sync_batchnorm``): synchronized
   BatchNorm across the ranks of ``process_group`` (None: the default group), as
   ``nn.SyncBatchNorm``; see ``convmixer_kernels._sync``.
+
+The modules with a pointwise or patch GEMM (``PointwiseBlock``, ``PatchEmbed``,
+``ConvMixerLayer``'s pointwise part) also have ``memory_format``, their output layout:
+``torch.channels_last`` (class default), ``torch.contiguous_format`` (NCHW), or
+None/``torch.preserve_format`` (follow the input's layout); see
+``convmixer_kernels.functional``. ``DepthwiseBlock``'s output follows its input's layout.
 """
 from __future__ import annotations
 
@@ -37,10 +43,18 @@ class FusedOptions:
     process_group: Any = None
 
 
+class OutputLayout:
+    """The output layout option of the GEMM-block modules (class default; set on instances
+    or through ``ConvMixer.memory_format``)."""
+
+    memory_format: Optional[torch.memory_format] = torch.channels_last
+
+
 def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
-              bn: nn.BatchNorm2d, owner: FusedOptions) -> Tensor:
+              bn: nn.BatchNorm2d, owner: FusedOptions, **layout: Any) -> Tensor:
     """Run ``bn(act(conv(x)))`` (plus the residual for ``dw_block``) as one fused op,
-    with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``) and ``owner``'s options."""
+    with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``) and ``owner``'s options
+    (``layout``: ``memory_format=`` for the GEMM blocks)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -56,7 +70,7 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
                   bn.running_mean if keep else None, bn.running_var if keep else None,
                   training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
                   backend=owner.backend, memory_saving=owner.memory_saving, sync_bn=owner.sync_bn,
-                  process_group=owner.process_group)
+                  process_group=owner.process_group, **layout)
 
 
 def _bn(dim: int, eps: float, momentum: Optional[float], dd: dict) -> nn.BatchNorm2d:
@@ -86,17 +100,20 @@ class DepthwiseBlock(FusedOptions, nn.Module):
         return run_fused(functional.dw_block, x, self.fn[0], self.fn[1], self.fn[2], self)
 
 
-class _FusedTriple(FusedOptions, nn.Sequential):
-    """Sequential(conv, act, BN) run as one fused op (keys ``0.*`` and ``2.*`` as timm's)."""
+class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
+    """Sequential(conv, act, BN) run as one fused op (keys ``0.*`` and ``2.*`` as timm's),
+    its output in ``memory_format`` (channels_last by default)."""
 
     _fn: Callable[..., Tensor]
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self)
+        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self,
+                         memory_format=self.memory_format)
 
 
 class PointwiseBlock(_FusedTriple):
-    """BN(act(conv1x1(x) + b)): x (N, in_dim, H, W) -> (N, out_dim, H, W)."""
+    """BN(act(conv1x1(x) + b)): x (N, in_dim, H, W) -> (N, out_dim, H, W), in
+    ``memory_format`` (channels_last by default)."""
 
     _fn = staticmethod(functional.pw_block)
 
@@ -112,7 +129,8 @@ class PointwiseBlock(_FusedTriple):
 
 
 class PatchEmbed(_FusedTriple):
-    """BN(act(conv_p_stride_p(img) + b)): img (N, in_chans, H, W) -> (N, dim, H // p, W // p)."""
+    """BN(act(conv_p_stride_p(img) + b)): img (N, in_chans, H, W) -> (N, dim, H // p, W // p),
+    in ``memory_format`` (channels_last by default)."""
 
     _fn = staticmethod(functional.patch_embed)
 
@@ -128,11 +146,12 @@ class PatchEmbed(_FusedTriple):
             self.backend = backends.check_name(backend)
 
 
-class ConvMixerLayer(FusedOptions, nn.Sequential):
+class ConvMixerLayer(FusedOptions, OutputLayout, nn.Sequential):
     """One ConvMixer layer: ``DepthwiseBlock`` then the pointwise block.
 
     Children as timm's layer: ``0`` DepthwiseBlock (``0.fn.*``), ``1`` 1x1 conv,
-    ``2`` act, ``3`` BN. x (N, dim, H, W) -> (N, dim, H, W).
+    ``2`` act, ``3`` BN. x (N, dim, H, W) -> (N, dim, H, W), in ``memory_format`` (the
+    pointwise block's output layout, channels_last by default).
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
@@ -156,7 +175,8 @@ class ConvMixerLayer(FusedOptions, nn.Sequential):
         if self.layer_fusion and _layer_op.layer_blocker(self, x) is None:
             return _layer_op.layer_module_eval(self, x)
         x = self[0](x)
-        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self)
+        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self,
+                         memory_format=self.memory_format)
 
 
 class ConvMixer(nn.Module):
@@ -165,14 +185,16 @@ class ConvMixer(nn.Module):
     ``ConvMixer(dim, depth, ...).load_state_dict(timm_model.state_dict())`` works for
     timm's ``convmixer_*`` models. img (N, in_chans, H, W) -> logits (N, num_classes).
 
-    ``memory_format``: the layout the trunk runs in. Every fused block writes its output
-    in its input's layout, so the image's layout decides the whole trunk's. The default,
-    ``torch.channels_last``, lays the image out channels-last before the patch embedding
-    (a copy of the 3-channel image, about a tenth of one trunk activation when it is not
-    already channels_last): the GEMM blocks then write pixel-major rows and the
-    depthwise blocks read whole channel vectors, the layout the GPU kernels are built
-    for. ``torch.contiguous_format`` runs the trunk NCHW; None keeps the image's layout.
-    Results are the same up to rounding order.
+    ``memory_format``: the layout the trunk runs in, set on the patch embedding and on
+    every layer (their ``memory_format``, the GEMM blocks' output layout; the depthwise
+    blocks follow their input). The default, ``torch.channels_last``, lays the image out
+    channels-last before the patch embedding (a copy of the 3-channel image, about a
+    tenth of one trunk activation when it is not already channels_last) and has every
+    GEMM block write channels_last: pixel-major rows, from which the depthwise blocks
+    read whole channel vectors, the layout the GPU kernels are built for.
+    ``torch.contiguous_format`` runs the image and the trunk NCHW; None keeps the image's
+    layout throughout. Setting the
+    attribute later updates the blocks. Results are the same up to rounding order.
     """
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
@@ -181,10 +203,7 @@ class ConvMixer(nn.Module):
                  backend: Optional[str] = None, device=None, dtype=None,
                  memory_format: Optional[torch.memory_format] = torch.channels_last):
         super().__init__()
-        if memory_format not in (None, torch.channels_last, torch.contiguous_format):
-            raise ValueError(f"memory_format: expected torch.channels_last, torch.contiguous_format "
-                             f"or None, got {memory_format!r}")
-        self.memory_format = memory_format
+        self._check_memory_format(memory_format)
         dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -196,6 +215,25 @@ class ConvMixer(nn.Module):
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.memory_format = memory_format
+
+    @staticmethod
+    def _check_memory_format(memory_format: object) -> None:
+        if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+            raise ValueError(f"memory_format: expected torch.channels_last, torch.contiguous_format "
+                             f"or None, got {memory_format!r}")
+
+    @property
+    def memory_format(self) -> Optional[torch.memory_format]:
+        return self._memory_format
+
+    @memory_format.setter
+    def memory_format(self, memory_format: Optional[torch.memory_format]) -> None:
+        self._check_memory_format(memory_format)
+        self._memory_format = memory_format
+        for m in (self.stem, *self.blocks):
+            if isinstance(m, OutputLayout):
+                m.memory_format = memory_format
 
     def forward_features(self, x: Tensor) -> Tensor:
         if self.memory_format is not None and isinstance(x, Tensor) and x.dim() == 4:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _activations
-from ._spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, output_memory_format, stats_dtype
+from ._spec import (DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, out_memory_format,
+                    output_memory_format, stats_dtype)
 
 __all__ = ["dw_block", "pw_block", "patch_embed", "forward", "backward"]
 
@@ -117,15 +118,20 @@ def forward(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor],
             bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
             running_mean: Optional[Tensor], running_var: Optional[Tensor],
             use_batch_stats: bool, eps: float, activation: str,
-            save_preact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            save_preact: bool, out_format: Optional[str] = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out, mean, var, preact).
 
-    out: (N, Cout, Ho, Wo) in x's dtype and ``output_memory_format(x)``;
+    out: (N, Cout, Ho, Wo) in x's dtype and in the layout ``out_format`` names
+    (``'channels_last'`` or ``'contiguous'``: the GEMM blocks' argument, see
+    ``convmixer_kernels.ops._block``); dw_block passes none and its output follows x,
+    ``output_memory_format(x)``;
     mean, var: (Cout,) statistics normalised with (batch mean and biased batch
     variance when ``use_batch_stats``, else copies of the running ones), in ``stats_dtype(x)``;
-    preact: conv(x) + bias, saved for backward when ``save_preact``, else an empty tensor.
+    preact: conv(x) + bias in out's layout, saved for backward when ``save_preact``,
+    else an empty tensor.
     """
-    fmt = output_memory_format(x)
+    fmt = output_memory_format(x) if out_format is None else out_memory_format(out_format)
     sdt = stats_dtype(x)
     z = _preact(spec, x, weight, bias, sdt)
     a = _activations.forward(z.to(sdt), activation)
@@ -145,18 +151,23 @@ def backward(spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,
              output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias, dbn_weight, dbn_bias); each is an empty tensor where
     ``output_mask`` (same order) is False (the caller sets it False for absent
-    parameters). dx like x, dweight/dbias in the conv weight's dtype, dbn_* in the
-    statistics' dtype.
+    parameters). dx like x (dtype and ``output_memory_format(x)``), dweight/dbias in the
+    conv weight's dtype, dbn_* in the statistics' dtype. ``grad_out`` and ``preact`` may
+    come in any layout.
 
     With batch statistics the gradient flows through the mean and variance
     (training-mode BatchNorm); with running statistics it does not.
     """
     need_dx, need_dw, need_db, need_dbnw, need_dbnb = (bool(m) for m in output_mask)
     sdt = mean.dtype
+    # Work in preact's layout (the forward's output layout), else grad_out's, as the
+    # kernels do: a saved and a recomputed pre-activation then give the same bits.
+    fmt = output_memory_format(preact if preact.numel() > 0 else grad_out)
     zs = (preact if preact.numel() > 0 else _preact(spec, x, weight, bias, sdt)).to(sdt)
+    zs = zs.contiguous(memory_format=fmt)
     invstd = torch.rsqrt(var + eps).view(1, -1, 1, 1)
     xhat = (_activations.forward(zs, activation) - mean.view(1, -1, 1, 1)) * invstd
-    dy = grad_out.to(sdt)
+    dy = grad_out.to(sdt).contiguous(memory_format=fmt)
     dbn_weight = (dy * xhat).sum((0, 2, 3)) if need_dbnw else _empty(x, sdt)
     dbn_bias = dy.sum((0, 2, 3)) if need_dbnb else _empty(x, sdt)
     if not (need_dx or need_dw or need_db):

@@ -59,21 +59,33 @@ at::Tensor axpb_cpu(const at::Tensor& x, double a, double b) {
 // CPU implementation in csrc/cpu/, the CUDA one in csrc/cuda/ (dispatch by device).
 // Arguments and results are those of the Python block ops (convmixer_kernels/ops/_block.py)
 // without the `backend` argument; see convmixer_kernels/reference.py for their meaning.
-#define CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, name)                                                  \
-  m.def(name "_forward_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "        \
-             "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, " \
-             "float eps, str activation, bool save_preact) -> (Tensor, Tensor, Tensor, Tensor)");  \
+// The GEMM blocks' forward (pw_block, patch_embed) also takes `str out_format`
+// ('channels_last' or 'contiguous'): the layout the kernel writes out and preact in.
+// dw_block's output follows x's layout (no such argument).
+#define CONVMIXER_BLOCK_FORWARD_ARGS                                                          \
+  "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "              \
+  "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "              \
+  "str activation, bool save_preact"
+#define CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)                                                  \
   m.def(name "_backward_kernel(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "          \
              "Tensor? bn_weight, Tensor mean, Tensor var, Tensor preact, bool use_batch_stats, "  \
              "float eps, str activation, bool[] output_mask) "                                     \
              "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+#define CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, name)                                                  \
+  m.def(name "_forward_kernel" CONVMIXER_BLOCK_FORWARD_ARGS                                      \
+             ") -> (Tensor, Tensor, Tensor, Tensor)");                                           \
+  CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)
+#define CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, name)                                             \
+  m.def(name "_forward_kernel" CONVMIXER_BLOCK_FORWARD_ARGS                                      \
+             ", str out_format) -> (Tensor, Tensor, Tensor, Tensor)");                           \
+  CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)
 
 TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_axpb(Tensor x, float a, float b) -> Tensor");
   CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "dw_block");
-  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "pw_block");
-  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "patch_embed");
+  CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, "pw_block");
+  CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, "patch_embed");
 }
 
 TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) { m.impl("_axpb", &axpb_cpu); }

@@ -25,7 +25,8 @@ import torch
 import convmixer_kernels as ck
 from convmixer_kernels import _cpp_lib, backends, reference
 from convmixer_kernels._activations import ACTIVATIONS
-from convmixer_kernels._spec import SPECS, output_memory_format, stats_dtype
+from convmixer_kernels._spec import (SPECS, out_format_name, out_memory_format,
+                                     output_memory_format, stats_dtype)
 
 _reason = _cpp_lib.status()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"compiled extension unavailable: {_reason}")
@@ -145,9 +146,12 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
     cpu = backends.get("cpu")
     args = make_args(shape, dtype, layout, training, case)
     x, weight, bias, bn_w = args[:4]
-    fmt = output_memory_format(x)
-    got = cpu.forward(op, *args, save_preact)
-    z = got[3] if save_preact else cpu.forward(op, *args, True)[3]
+    # the output layout the kernel is asked for: x's own or the other one, varying with
+    # the case, the layout and the mode (tests/test_output_layout.py crosses them all)
+    out_format = ("channels_last", "contiguous")[(case + LAYOUTS.index(layout) + training) % 2]
+    fmt, in_fmt = out_memory_format(out_format), output_memory_format(x)
+    got = cpu.forward(op, *args, save_preact, out_format)
+    z = got[3] if save_preact else cpu.forward(op, *args, True, out_format)[3]
 
     # The GEMM: the kernel's pre-activation against the reference's.
     want_z, want_z64 = ref_forward(op, args + [True])[3], ref_forward(op, to64(args) + [True])[3]
@@ -155,8 +159,8 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
     if not save_preact:
         assert got[3].numel() == 0 and got[3].dtype == dtype
     # Everything after the GEMM, from the same pre-activation.
-    want = ref_forward_from(op, args + [save_preact], z)
-    want64 = ref_forward_from(op, to64(args) + [save_preact], z.double())
+    want = ref_forward_from(op, args + [save_preact, out_format], z)
+    want64 = ref_forward_from(op, to64(args) + [save_preact, out_format], z.double())
     for name, g, w, w64 in zip(("out", "mean", "var"), got, want, want64):
         check(name, g, w, w64, dtype)
     assert got[0].is_contiguous(memory_format=fmt)
@@ -165,7 +169,9 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
         assert got[3].is_contiguous(memory_format=fmt) and got[3].dtype == dtype
     check_fresh(got, args)
 
-    grad = torch.randn(got[0].shape, dtype=torch.float64).to(dtype)
+    # grad_out in out's layout, as the op's autograd formula passes it: a backward that
+    # recomputes z then runs the forward's GEMM (other layouts: tests/test_output_layout.py)
+    grad = torch.randn(got[0].shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
     for m, mask in enumerate(masks):
         mask = [mask[0], mask[1], mask[2] and bias is not None, mask[3] and bn_w is not None, mask[4]]
         # the kernel with the saved preact, or (every other mask) recomputing it from x
@@ -180,7 +186,7 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
                 continue
             check(f"{name} mask={mask}", got_b[i], want_b[i], want_b64[i], dtype)
         if mask[0]:
-            assert got_b[0].is_contiguous(memory_format=fmt) and got_b[0].dtype == dtype
+            assert got_b[0].is_contiguous(memory_format=in_fmt) and got_b[0].dtype == dtype
         if mask[1]:
             assert got_b[1].is_contiguous() and got_b[1].dtype == weight.dtype
         bwd[7] = preact
@@ -233,7 +239,7 @@ def test_modules_cpu_vs_reference(op, layout, training):
     x2 = x.detach().clone().requires_grad_()
     out, want = fused(x), ref(x2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    assert out.is_contiguous(memory_format=output_memory_format(x))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the modules' default
     g = torch.randn_like(want)
     out.backward(g)
     want.backward(g)
@@ -258,18 +264,20 @@ def test_bad_input_messages(op):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 2, 2)
     if op == "pw_block":
         with pytest.raises(RuntimeError, match="weight"):
-            kernel(x, w, None, None, None, None, None, True, 1e-5, "gelu", False)
+            kernel(x, w, None, None, None, None, None, True, 1e-5, "gelu", False, "contiguous")
         w = torch.randn(4, 3, 1, 1)
     with pytest.raises(RuntimeError, match="running_mean"):
-        kernel(x, w, None, None, None, None, None, False, 1e-5, "gelu", False)
+        kernel(x, w, None, None, None, None, None, False, 1e-5, "gelu", False, "contiguous")
     with pytest.raises(RuntimeError, match="bias"):
-        kernel(x, w, torch.randn(5), None, None, None, None, True, 1e-5, "gelu", False)
+        kernel(x, w, torch.randn(5), None, None, None, None, True, 1e-5, "gelu", False, "contiguous")
     with pytest.raises((RuntimeError, ValueError), match="activation"):
-        kernel(x, w, None, None, None, None, None, True, 1e-5, "tanh", False)
+        kernel(x, w, None, None, None, None, None, True, 1e-5, "tanh", False, "contiguous")
     with pytest.raises(RuntimeError, match="x"):
-        kernel(x[0], w, None, None, None, None, None, True, 1e-5, "gelu", False)
+        kernel(x[0], w, None, None, None, None, None, True, 1e-5, "gelu", False, "contiguous")
     with pytest.raises(RuntimeError, match="x"):
-        kernel(x.to(torch.int32), w, None, None, None, None, None, True, 1e-5, "gelu", False)
+        kernel(x.to(torch.int32), w, None, None, None, None, None, True, 1e-5, "gelu", False, "contiguous")
+    with pytest.raises(ValueError, match="out_format"):
+        kernel(x, w, None, None, None, None, None, True, 1e-5, "gelu", False, "nhwc")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -284,15 +292,17 @@ def test_reductions_do_not_depend_on_thread_count(layout, training):
     x = make_input((3, 4, 67, 71), torch.float32, layout)
     w = torch.randn(5, 4, 1, 1)
     b, bw, bb, rm, rv = torch.randn(5), torch.rand(5) + 0.5, torch.randn(5), torch.randn(5), torch.rand(5) + 0.5
+    fmt = out_format_name(output_memory_format(x))
     _, mean, var, preact = cpu.forward("pw_block", x, w, b, bw, bb, rm, rv, training, 1e-5,
-                                       "gelu", True)
+                                       "gelu", True, fmt)
     grad = torch.randn(preact.shape).contiguous(memory_format=output_memory_format(x))
     results = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            fwd = cpu.forward("pw_block", x1, w1, b, bw, bb, rm, rv, training, 1e-5, "gelu", True)
+            fwd = cpu.forward("pw_block", x1, w1, b, bw, bb, rm, rv, training, 1e-5, "gelu", True,
+                              fmt)
             bwd = cpu.backward("pw_block", grad, x, w, b, bw, mean, var, preact, training, 1e-5,
                                "gelu", [False, False, True, True, True])
             results.append((*fwd[:3], *bwd[2:]))

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from convmixer_kernels import backends
-from convmixer_kernels._spec import output_memory_format, stats_dtype
+from convmixer_kernels._spec import (out_format_name, out_memory_format,
+                                     output_memory_format, stats_dtype)
 
 from test_cpu_gemm_blocks import (MASKS, check, check_fresh, make_args, ref_backward,
                                   ref_forward, ref_forward_from, to64)
@@ -64,16 +65,19 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
     be = triton()
     args = args_for(shape, dtype, layout, training, case)
     x, weight, bias, bn_w = args[:4]
-    fmt = output_memory_format(x)
-    got = be.forward(op, *args, save_preact)
-    z = got[3] if save_preact else be.forward(op, *args, True)[3]
+    # the output layout the kernel is asked for: x's own or the other one, varying with
+    # the case, the layout and the mode (tests/test_output_layout.py crosses them all)
+    out_format = ("channels_last", "contiguous")[(case + LAYOUTS.index(layout) + training) % 2]
+    fmt, in_fmt = out_memory_format(out_format), output_memory_format(x)
+    got = be.forward(op, *args, save_preact, out_format)
+    z = got[3] if save_preact else be.forward(op, *args, True, out_format)[3]
 
     want_z, want_z64 = ref_forward(op, args + [True])[3], ref_forward(op, to64(args) + [True])[3]
     check("preact", z, want_z, want_z64, dtype)
     if not save_preact:
         assert got[3].numel() == 0 and got[3].dtype == dtype
-    want = ref_forward_from(op, args + [save_preact], z)
-    want64 = ref_forward_from(op, to64(args) + [save_preact], z.double())
+    want = ref_forward_from(op, args + [save_preact, out_format], z)
+    want64 = ref_forward_from(op, to64(args) + [save_preact, out_format], z.double())
     for name, g, w, w64 in zip(("out", "mean", "var"), got, want, want64):
         check(name, g, w, w64, dtype)
     assert got[0].is_contiguous(memory_format=fmt)
@@ -99,7 +103,7 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
                 continue
             check(f"{name} mask={mask}", got_b[i], want_b[i], want_b64[i], dtype)
         if mask[0]:
-            assert got_b[0].is_contiguous(memory_format=fmt) and got_b[0].dtype == dtype
+            assert got_b[0].is_contiguous(memory_format=in_fmt) and got_b[0].dtype == dtype
         if mask[1]:
             assert got_b[1].is_contiguous() and got_b[1].dtype == weight.dtype
         bwd[7] = preact
@@ -127,7 +131,7 @@ def test_image_gradient_only_when_asked():
     from convmixer_kernels._triton import _gemm
     args = args_for((2, 3, 13, 14, 8, 4), torch.float32, "nchw", True, 0)
     x, weight, bias, bn_w = args[:4]
-    out, mean, var, z = triton().forward("patch_embed", *args, True)
+    out, mean, var, z = triton().forward("patch_embed", *args, True, "channels_last")
     grad = torch.randn_like(out)
     common = [grad, x, weight, bias, bn_w, mean, var, z, True, 1e-5, args[9]]
     launched = []
@@ -180,7 +184,7 @@ def test_int32_offsets(op):
     from convmixer_kernels._triton import _gemm
     if _gemm.interpreting():
         x, weight = args_for(SHAPES[op][0], torch.float32, "nchw", True, 0)[:2]
-        assert _gemm.use_int64(_gemm.Geometry(x, weight))
+        assert _gemm.use_int64(_gemm.Geometry(x, weight, torch.channels_last))
     with mock.patch.object(_gemm, "use_int64", lambda *a: False):
         run_case(op, SHAPES[op][0], torch.float32, "strided", True, 0, True, MASKS[:2])
 
@@ -194,7 +198,7 @@ def test_bitwise_reproducible(op):
     results = []
     with small_tiles():
         for _ in range(2):
-            out, mean, var, z = triton().forward(op, *args, True)
+            out, mean, var, z = triton().forward(op, *args, True, "channels_last")
             grad = torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape)
             bwd = triton().backward(op, grad, x, weight, bias, bn_w, mean, var, z, True, 1e-5,
                                     args[9], [True] * 5)
@@ -208,7 +212,7 @@ def test_nan_propagates_like_reference(op):
     args = args_for(SHAPES[op][0], torch.float32, "nchw", False, 0)
     args[0] = args[0].clone()
     args[0][1, 2, 3, 4] = float("nan")
-    out = triton().forward(op, *args, False)[0]
+    out = triton().forward(op, *args, False, "contiguous")[0]
     want = ref_forward(op, args + [False])[0]
     assert torch.isnan(out).any()
     assert torch.equal(torch.isnan(out), torch.isnan(want))
@@ -240,9 +244,10 @@ def test_host_code_runs_on_meta_tensors(gpu_configs):
                     w = torch.empty(768, shape[1], p, p, device="meta", dtype=dt)
                     b = torch.empty(768, device="meta", dtype=dt)
                     v = torch.empty(768, device="meta")
+                    fmt = out_format_name(output_memory_format(x))  # as ConvMixer runs it
                     for train in (True, False):
                         out, mean, var, z = triton().forward(op, x, w, b, v, v, v, v, train,
-                                                             1e-5, "gelu", True)
+                                                             1e-5, "gelu", True, fmt)
                         assert out.shape == (64, 768, 32, 32)
                         assert out.is_contiguous(memory_format=output_memory_format(x))
                         for preact in (z, x.new_empty(0)):

@@ -17,7 +17,6 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels import backends, functional, reference
-from convmixer_kernels._spec import output_memory_format
 from convmixer_kernels.ops.layer import (layer_blocker, layer_eval, layer_eval_op,
                                          layer_module_eval)
 
@@ -94,7 +93,7 @@ def check_case(N, C, COUT, H, W, k, act, dtype, layout):
     a = make_args(N, C, COUT, H, W, k, dtype, layout)
     out = run_fused(a, act)
     assert out.shape == (N, COUT, H, W) and out.dtype == dtype
-    assert out.is_contiguous(memory_format=output_memory_format(a["x"]))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # layer_eval's default
     assert torch.isfinite(out).all()
     # the two-op path stores the same y: equal up to float32 summation order
     with torch.no_grad():
@@ -161,7 +160,8 @@ def test_absent_optional_parameters():
     with torch.no_grad():
         want = layer_eval_op(a["x"], a["dw_weight"], None, None, None, a["bn1_mean"],
                              a["bn1_var"], a["eps1"], "gelu", a["pw_weight"], None, None, None,
-                             a["bn2_mean"], a["bn2_var"], a["eps2"], "gelu", "reference")
+                             a["bn2_mean"], a["bn2_var"], a["eps2"], "gelu", "channels_last",
+                             "reference")
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -198,7 +198,7 @@ def test_fake_and_opcheck():
     a = make_args(2, 8, 12, 5, 6, 3, torch.float32, "channels_last")
     args = (a["x"], a["dw_weight"], a["dw_bias"], a["bn1_weight"], a["bn1_bias"], a["bn1_mean"],
             a["bn1_var"], 1e-5, "gelu", a["pw_weight"], a["pw_bias"], a["bn2_weight"],
-            a["bn2_bias"], a["bn2_mean"], a["bn2_var"], 1e-3, "relu", "triton")
+            a["bn2_bias"], a["bn2_mean"], a["bn2_var"], 1e-3, "relu", "channels_last", "triton")
     torch.library.opcheck(layer_eval_op, args)  # schema, autograd registration, fake, aot
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:

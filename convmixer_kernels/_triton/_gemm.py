@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._spec import output_memory_format
+from .._spec import out_memory_format, output_memory_format
 from ._common import (ACT_CODES, act_bwd, act_fwd, combine_tile_stats, interpreting, invstd,
                       launch, needs_int64, pow2)
 
@@ -396,7 +396,9 @@ def _per_channel(t: Optional[Tensor], c: int, fill: float, like: Tensor) -> Tens
 class Geometry:
     """Sizes, layouts and the weight matrix of one call (P = 1: pointwise block)."""
 
-    def __init__(self, x: Tensor, weight: Tensor):
+    def __init__(self, x: Tensor, weight: Tensor, out_fmt: "torch.memory_format"):
+        """``out_fmt``: the layout of the activation-shaped results (out, z, dz); dx
+        follows x's (``in_fmt``)."""
         N, self.cin, H, W = x.shape
         self.cout, P = weight.shape[0], weight.shape[-1]
         self.p = P
@@ -404,8 +406,9 @@ class Geometry:
         self.m = N * self.ho * self.wo
         self.kdim = self.cin * P * P
         self.out_shape = (N, self.cout, self.ho, self.wo)
-        self.fmt = output_memory_format(x)
-        self.cl_k = P > 1 and self.fmt == torch.channels_last
+        self.fmt = out_fmt
+        self.in_fmt = output_memory_format(x)
+        self.cl_k = P > 1 and self.in_fmt == torch.channels_last
         w = weight.detach()
         if self.cl_k:
             w = w.permute(0, 2, 3, 1)
@@ -443,8 +446,12 @@ def _grid2(M: int, N: int, cfg: dict) -> tuple[int]:
 # ---- the backend contract -----------------------------------------------------------
 
 def forward(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats: bool, eps: float, activation: str, save_preact: bool):
-    g = Geometry(x, weight)
+            use_batch_stats: bool, eps: float, activation: str, save_preact: bool,
+            out_format: str):
+    """The backend contract (``convmixer_kernels.reference.forward``): out and the saved
+    pre-activation are allocated in ``out_format``'s layout and the kernels store
+    through their strides, so the GEMM writes that layout itself."""
+    g = Geometry(x, weight, out_memory_format(out_format))
     C, M, dev = g.cout, g.m, x.device
     out = torch.empty(g.out_shape, dtype=x.dtype, device=dev, memory_format=g.fmt)
     keep_z = use_batch_stats or save_preact
@@ -481,7 +488,9 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
              var: Tensor, preact: Tensor, use_batch_stats: bool, eps: float, activation: str,
              output_mask):
     need_dx, need_dw, need_db, need_dbnw, need_dbnb = (bool(m) for m in output_mask)
-    g = Geometry(x, weight)
+    # grad_out and preact come in any layout (the kernels read them through their
+    # strides); dz and a recomputed z take preact's layout, else grad_out's.
+    g = Geometry(x, weight, output_memory_format(preact if preact.numel() > 0 else grad_out))
     C, M, dev, f32 = g.cout, g.m, x.device, torch.float32
     act = ACT_CODES[activation]
     need_conv = need_dx or need_dw or need_db
@@ -542,7 +551,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias, bn_weight, mean:
     if not need_conv:
         return dx, dw, db, dbnw, dbnb
     if need_dx:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=g.fmt)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=g.in_fmt)
         if not g.covers:
             dx.zero_()  # pixels that no patch reads
         cfg = gemm_config(M, g.kdim, C, x.dtype)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._spec import output_memory_format
+from .._spec import out_memory_format
 from ._common import ACT_CODES, act_fwd, interpreting, launch, needs_int64
 from ._gemm import _bn as _pw_bn
 from ._gemm import _fit, _per_channel, _pixel, _precision, _strides, _swizzle
@@ -135,16 +135,18 @@ def forward(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
             bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Tensor,
             bn1_var: Tensor, eps1: float, act1: str, pw_weight: Tensor,
             pw_bias: Optional[Tensor], bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor],
-            bn2_mean: Tensor, bn2_var: Tensor, eps2: float, act2: str) -> Tensor:
+            bn2_mean: Tensor, bn2_var: Tensor, eps2: float, act2: str,
+            out_format: str) -> Tensor:
     """x (N, C, H, W), dw_weight (C, 1, k, k), pw_weight (C_out, C, 1, 1), per-channel
-    vectors of C (BN1) and C_out (BN2) -> out (N, C_out, H, W) in x's dtype and in
-    ``output_memory_format(x)``. Arguments are validated by the caller
+    vectors of C (BN1) and C_out (BN2) -> out (N, C_out, H, W) in x's dtype and in the
+    layout ``out_format`` names ('channels_last' or 'contiguous'; the epilogue stores
+    through out's strides). Arguments are validated by the caller
     (``convmixer_kernels.ops.layer``)."""
     N, C, H, W = x.shape
     COUT, K = pw_weight.shape[0], dw_weight.shape[-1]
     M, dev = N * H * W, x.device
     out = torch.empty((N, COUT, H, W), dtype=x.dtype, device=dev,
-                      memory_format=output_memory_format(x))
+                      memory_format=out_memory_format(out_format))
     wt, b1, bnw1, bnb1 = _wt(dw_weight), _vec(dw_bias), _vec(bn1_weight), _vec(bn1_bias)
     mean1 = bn1_mean.detach().to(torch.float32).contiguous()
     var1 = bn1_var.detach().to(torch.float32).contiguous()

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from .._spec import output_memory_format
+from .._spec import out_format_name, output_memory_format
 from . import _common
 
 # (op, N, C, H, W, k, activations): DESIGN.md section 5 shapes and the sweep.
@@ -147,9 +147,11 @@ def _run_gemm(op, n, cin, h, w, cout, p, dtype, act, layouts) -> None:
         x = torch.empty(n, cin, h, w, memory_format=layout, **meta)
         wt, vec = torch.empty(cout, cin, p, p, **meta), torch.empty(cout, **meta)
         stats = torch.empty(cout, device="meta", dtype=torch.float32)
-        module.forward(x, wt, vec, vec, vec, stats, stats, False, 1e-5, act, False)
+        # ConvMixer(memory_format=layout) writes every block's output in that layout
+        fmt = out_format_name(layout)
+        module.forward(x, wt, vec, vec, vec, stats, stats, False, 1e-5, act, False, fmt)
         out, mean, var, pre = module.forward(x, wt, vec, vec, vec, stats, stats, True, 1e-5,
-                                             act, True)
+                                             act, True, fmt)
         g = torch.empty(out.shape, memory_format=output_memory_format(x), **meta)
         # the stem's image needs no gradient: models train with output_mask[0] False there
         mask = [op != "patch_embed", True, True, True, True]
@@ -179,7 +181,7 @@ def _run_layer(n, c, h, w, k, dtype, act, layouts) -> None:
                        torch.empty(c, **meta))
         stats = torch.empty(c, device="meta", dtype=torch.float32)
         layer.forward(x, dw, vec, vec, vec, stats, stats, 1e-5, act, pw, vec, vec, vec,
-                      stats, stats, 1e-5, act)
+                      stats, stats, 1e-5, act, out_format_name(fmt))
 
 
 def collect(quick: bool = False) -> list[Variant]:

@@ -3,14 +3,19 @@
     convmixer_kernels::layer_eval(Tensor x, Tensor dw_weight, Tensor? dw_bias,
         Tensor? bn1_weight, Tensor? bn1_bias, Tensor bn1_mean, Tensor bn1_var, float eps1,
         str act1, Tensor pw_weight, Tensor? pw_bias, Tensor? bn2_weight, Tensor? bn2_bias,
-        Tensor bn2_mean, Tensor bn2_var, float eps2, str act2, str backend) -> Tensor
+        Tensor bn2_mean, Tensor bn2_var, float eps2, str act2, str out_format,
+        str backend) -> Tensor
 
 equivalent to the two blocks with running statistics::
 
     y = dw_block(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var,
                  training=False, eps=eps1, activation=act1)
     out = pw_block(y, pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var,
-                   training=False, eps=eps2, activation=act2)
+                   training=False, eps=eps2, activation=act2, memory_format=memory_format)
+
+The output layout is the pointwise block's: ``out_format`` ('channels_last' or
+'contiguous', resolved from ``layer_eval``'s ``memory_format``, channels_last by
+default; see ``convmixer_kernels.ops._block``), written by the kernel's epilogue.
 
 ``backend`` ``triton`` runs one GEMM whose prologue computes y (never stored, see
 ``convmixer_kernels._triton.layer``); ``reference`` runs the two reference blocks.
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import _activations, _validate, backends, reference
 from .._ranges import block_range
-from .._spec import DW_BLOCK, PW_BLOCK, output_memory_format
+from .._spec import DW_BLOCK, PW_BLOCK, out_memory_format, resolve_out_format
 
 __all__ = ["layer_eval_op", "layer_eval", "layer_blocker", "layer_module_eval", "BACKENDS"]
 
@@ -36,22 +41,24 @@ SCHEMA = (
     "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? bn1_weight, Tensor? bn1_bias, "
     "Tensor bn1_mean, Tensor bn1_var, float eps1, str act1, Tensor pw_weight, Tensor? pw_bias, "
     "Tensor? bn2_weight, Tensor? bn2_bias, Tensor bn2_mean, Tensor bn2_var, float eps2, "
-    "str act2, str backend) -> Tensor"
+    "str act2, str out_format, str backend) -> Tensor"
 )
 
 
 def _impl(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps1, act1,
-          pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps2, act2, backend):
+          pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps2, act2, out_format,
+          backend):
+    out_memory_format(out_format)  # ValueError naming out_format
     if backend == "triton":
         from .._triton import layer
         return layer.forward(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var,
                              eps1, act1, pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean,
-                             bn2_var, eps2, act2)
+                             bn2_var, eps2, act2, out_format)
     if backend == "reference":
         y = reference.forward(DW_BLOCK, x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean,
                               bn1_var, False, eps1, act1, False)[0]
         return reference.forward(PW_BLOCK, y, pw_weight, pw_bias, bn2_weight, bn2_bias,
-                                 bn2_mean, bn2_var, False, eps2, act2, False)[0]
+                                 bn2_mean, bn2_var, False, eps2, act2, False, out_format)[0]
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
@@ -61,10 +68,11 @@ layer_eval_op = torch.library.custom_op("convmixer_kernels::layer_eval", _impl,
 
 @layer_eval_op.register_fake
 def _(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps1, act1,
-      pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps2, act2, backend):
+      pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps2, act2, out_format,
+      backend):
     n, _, h, w = x.shape
     return torch.empty((n, pw_weight.shape[0], h, w), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
+                       memory_format=out_memory_format(out_format))
 
 
 def layer_eval(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
@@ -73,11 +81,14 @@ def layer_eval(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
                bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Tensor,
                bn2_var: Tensor, eps1: float = 1e-5, eps2: float = 1e-5,
                act1: str = "gelu", act2: Optional[str] = None, training: bool = False,
-               backend: str = "triton") -> Tensor:
+               backend: str = "triton", *,
+               memory_format: Optional[torch.memory_format] = torch.channels_last) -> Tensor:
     """One ConvMixer layer with running statistics: x (N, C, H, W), dw_weight (C, 1, k, k),
     pw_weight (C_out, C, 1, 1) -> BN2(act2(conv1x1(y) + pw_bias)) of shape
     (N, C_out, H, W), y = x + BN1(act1(dwconv_k(x) + dw_bias)). ``act2`` defaults to
-    ``act1``. Inference only: ``training`` must be False and, with grad mode on, no
+    ``act1``. The output is channels_last by default, as ``pw_block``'s
+    (``memory_format``: torch.contiguous_format for NCHW, torch.preserve_format or None
+    to follow x). Inference only: ``training`` must be False and, with grad mode on, no
     input may require grad (run under ``torch.no_grad()``/``torch.inference_mode()``)."""
     if not isinstance(training, bool):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
@@ -101,6 +112,7 @@ def layer_eval(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
                            bn2_var, False, 0.1, eps2)
     act1 = _validate.activation(act1)
     act2 = act1 if act2 is None else _validate.activation(act2)
+    out_format = resolve_out_format(memory_format, x)
     if torch.is_grad_enabled():
         for name, t in args.items():
             if isinstance(t, Tensor) and t.requires_grad:
@@ -112,7 +124,7 @@ def layer_eval(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
             backends.resolve("triton", op, x)  # raises BackendUnavailable with the reason
     return layer_eval_op(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_mean, bn1_var,
                          float(eps1), act1, pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean,
-                         bn2_var, float(eps2), act2, backend)
+                         bn2_var, float(eps2), act2, out_format, backend)
 
 
 # ---- running a ConvMixerLayer through the op -----------------------------------------
@@ -163,4 +175,4 @@ def layer_module_eval(layer: nn.Module, x: Tensor) -> Tensor:
                           bn1.running_var, pwconv.weight, pwconv.bias, bn2.weight, bn2.bias,
                           bn2.running_mean, bn2.running_var, eps1=bn1.eps, eps2=bn2.eps,
                           act1=_activations.name_of(act1), act2=_activations.name_of(act2),
-                          backend="triton")
+                          backend="triton", memory_format=layer.memory_format)

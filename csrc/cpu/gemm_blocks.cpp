@@ -6,9 +6,16 @@
 // (Cin x Cout) weight, patch_embed does the same with the (patches x Cin*p*p) matrix of
 // non-overlapping patches (a permuted copy of the image). The GEMMs run through ATen
 // (MKL/oneDNN) in the compute dtype (float32, float64 for float64 inputs), written
-// straight into the output buffer in the output's layout:
-//   channels_last output: z (N*Ho*Wo, Cout) = P (N*Ho*Wo, K) @ W^T          (one mm)
+// straight into the output buffer in the requested output layout (the forward kernels'
+// `out_format`, 'channels_last' or 'contiguous'; independent of x's layout). P is read
+// in x's own order (a view of x for pw_block with x already in the compute dtype):
+// (N, Ho*Wo, K) for a channels_last x, (N, K, Ho*Wo) otherwise; the GEMM takes it
+// transposed where the output's order differs:
+//   channels_last output: z[n] (Ho*Wo, Cout) = P[n] (Ho*Wo, K) @ W^T   (one mm when x is
+//                         channels_last too, else a bmm over P's transposed views)
 //   NCHW output:          z[n] (Cout, Ho*Wo) = W (Cout, K) @ P^T[n] (K, Ho*Wo) (one bmm)
+// The backward kernels take grad_out and preact in any layout (they work in preact's
+// layout, else grad_out's) and write dx in x's layout.
 // Everything else is fused into passes over the GEMM output, chunked over contiguous
 // pieces of it (rows of channels for channels_last, pixel runs of one channel for NCHW):
 //   forward, batch stats: [bias + round to x's dtype + save preact + act + per-channel
@@ -208,11 +215,13 @@ inline double lane_dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b,
 
 struct Geom {
   int64_t N, Cin, H, W, Cout, p, Ho, Wo, HWo, M, K;
-  bool out_cl;  // output (and GEMM) layout channels_last: z is (M, Cout); else (N, Cout, HWo)
-  at::MemoryFormat fmt;
+  bool out_cl;  // out-shaped buffers channels_last: z is (M, Cout); else (N, Cout, HWo)
+  bool in_cl;   // x channels_last: P is (N, HWo, K), K ordered (di, dj, ci); else (N, K, HWo)
+  at::MemoryFormat fmt;     // layout of the out-shaped buffers (out, preact, dz)
+  at::MemoryFormat in_fmt;  // x's layout (dx)
 };
 
-// convmixer_kernels._spec.output_memory_format
+// convmixer_kernels._spec.output_memory_format: x's layout as the blocks read it
 at::MemoryFormat output_memory_format(const Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
              ? at::MemoryFormat::ChannelsLast
@@ -236,7 +245,17 @@ void check_per_channel(const OptTensor& t, const char* name, int64_t c, const ch
               ",) (one value per output channel), got ", t->sizes());
 }
 
-Geom make_geom(bool patch, const Tensor& x, const Tensor& w, const char* op) {
+// The layout an out_format argument names (convmixer_kernels._spec.OUT_FORMATS).
+at::MemoryFormat parse_out_format(c10::string_view out_format, const char* op) {
+  if (out_format == "channels_last") return at::MemoryFormat::ChannelsLast;
+  if (out_format == "contiguous") return at::MemoryFormat::Contiguous;
+  TORCH_CHECK_VALUE(false, op, ": out_format: expected 'channels_last' or 'contiguous', got '",
+                    std::string(out_format), "'");
+  return at::MemoryFormat::Contiguous;  // unreachable
+}
+
+Geom make_geom(bool patch, const Tensor& x, const Tensor& w, at::MemoryFormat out_fmt,
+               const char* op) {
   check_float(x, "x", op);
   check_float(w, "weight", op);
   TORCH_CHECK(x.dim() == 4, op, ": x: expected a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
@@ -265,26 +284,32 @@ Geom make_geom(bool patch, const Tensor& x, const Tensor& w, const char* op) {
   g.HWo = g.Ho * g.Wo;
   g.M = g.N * g.HWo;
   g.K = g.Cin * g.p * g.p;
-  g.fmt = output_memory_format(x);
-  g.out_cl = g.fmt == at::MemoryFormat::ChannelsLast;
+  g.fmt = out_fmt;
+  // With one output pixel or one channel both layouts are the same memory order: take the
+  // NCHW orientation then, so that a backward that derives the layout from its tensors
+  // (preact or grad_out, ambiguous there) recomputes z with the forward's GEMM, bit for bit.
+  g.out_cl = g.fmt == at::MemoryFormat::ChannelsLast && g.HWo > 1 && g.Cout > 1;
+  g.in_fmt = output_memory_format(x);
+  g.in_cl = g.in_fmt == at::MemoryFormat::ChannelsLast;
   return g;
 }
 
 std::vector<int64_t> out_sizes(const Geom& g) { return {g.N, g.Cout, g.Ho, g.Wo}; }
 
-// The GEMM operand built from x, in dtype acc: channels_last output: (M, K), K ordered
-// (di, dj, ci) (rows of x's NHWC memory); NCHW output: (N, K, HWo), K ordered (ci, di, dj).
-// A view of x when x already is that matrix (pw_block, same dtype), else a copy.
+// The GEMM operand built from x, in dtype acc, in x's order: channels_last x:
+// (N, HWo, K), K ordered (di, dj, ci) (rows of x's NHWC memory); otherwise (N, K, HWo),
+// K ordered (ci, di, dj). A view of x when x already is that matrix (pw_block, same
+// dtype), else a copy.
 Tensor patch_matrix(const Geom& g, const Tensor& x, at::ScalarType acc) {
   Tensor v;
   std::vector<int64_t> shape;
-  if (g.out_cl) {
+  if (g.in_cl) {
     v = x.permute({0, 2, 3, 1})
             .narrow(1, 0, g.Ho * g.p)
             .narrow(2, 0, g.Wo * g.p)
             .view({g.N, g.Ho, g.p, g.Wo, g.p, g.Cin})
             .permute({0, 1, 3, 2, 4, 5});
-    shape = {g.M, g.K};
+    shape = {g.N, g.HWo, g.K};
   } else {
     v = x.narrow(2, 0, g.Ho * g.p)
             .narrow(3, 0, g.Wo * g.p)
@@ -300,18 +325,36 @@ Tensor patch_matrix(const Geom& g, const Tensor& x, at::ScalarType acc) {
 
 // The weight as (Cout, K) in dtype acc, K ordered as patch_matrix's.
 Tensor weight_matrix(const Geom& g, const Tensor& w, at::ScalarType acc) {
-  Tensor v = g.out_cl ? w.permute({0, 2, 3, 1}) : w;
+  Tensor v = g.in_cl ? w.permute({0, 2, 3, 1}) : w;
   return v.to(acc).contiguous().view({g.Cout, g.K});
 }
 
-// buf (out-shaped, dtype acc, layout g.fmt) = conv(x, w) without bias.
+// P as per-image (N, K, HWo) matrices (a transposed view for a channels_last x).
+Tensor patch_cols(const Geom& g, const Tensor& P) { return g.in_cl ? P.transpose(1, 2) : P; }
+
+// An out-shaped buffer (layout g.fmt) as per-image (N, C, HWo) matrices (a transposed
+// view of its (N, HWo, C) memory when channels_last).
+Tensor out_cols(const Geom& g, const Tensor& buf) {
+  return g.out_cl ? buf.permute({0, 2, 3, 1}).view({g.N, g.HWo, g.Cout}).transpose(1, 2)
+                  : buf.view({g.N, g.Cout, g.HWo});
+}
+
+// buf (out-shaped, dtype acc, layout g.fmt) = conv(x, w) without bias, written by the
+// GEMM in buf's layout.
 void gemm_forward(const Geom& g, const Tensor& P, const Tensor& Wm, const Tensor& buf) {
   if (g.out_cl) {
-    Tensor b2 = buf.permute({0, 2, 3, 1}).view({g.M, g.Cout});
-    at::mm_out(b2, P, Wm.t());
+    if (g.in_cl) {
+      Tensor b2 = buf.permute({0, 2, 3, 1}).view({g.M, g.Cout});
+      at::mm_out(b2, P.view({g.M, g.K}), Wm.t());
+    } else {
+      // z[n] (HWo, Cout) = P[n]^T (HWo, K) @ W^T (K, Cout)
+      Tensor b3 = buf.permute({0, 2, 3, 1}).view({g.N, g.HWo, g.Cout});
+      at::bmm_out(b3, P.transpose(1, 2), Wm.t().expand({g.N, g.K, g.Cout}));
+    }
   } else {
+    // z[n] (Cout, HWo) = W (Cout, K) @ P[n] (K, HWo)
     Tensor b3 = buf.view({g.N, g.Cout, g.HWo});
-    at::bmm_out(b3, Wm.expand({g.N, g.Cout, g.K}), P);
+    at::bmm_out(b3, Wm.expand({g.N, g.Cout, g.K}), patch_cols(g, P));
   }
 }
 
@@ -643,7 +686,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   }
 
   const bool have_preact = preact.numel() > 0;
-  Tensor dy = grad_out.contiguous(g.fmt);
+  Tensor dy = grad_out.contiguous(g.fmt);  // a copy only when grad_out is in another layout
   Tensor pre = have_preact ? preact.contiguous(g.fmt) : Tensor();
   Tensor P, Wm, D;
   if (!have_preact || need_dw) P = patch_matrix(g, x, acc);
@@ -866,37 +909,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
 
   Tensor dweight = empty_x(), dx = empty_x();
   if (need_dw) {
+    // dW = sum_n dz[n] (C, HWo) @ P[n]^T (HWo, K)
     Tensor dW;
-    if (g.out_cl) {
-      dW = at::mm(D.permute({0, 2, 3, 1}).view({g.M, C}).t(), P);
+    if (g.out_cl && g.in_cl) {
+      dW = at::mm(D.permute({0, 2, 3, 1}).view({g.M, C}).t(), P.view({g.M, g.K}));
     } else {
-      Tensor dz3 = D.view({g.N, C, g.HWo});
+      Tensor dz3 = out_cols(g, D);
+      Tensor pc = patch_cols(g, P);
       if (g.N == 1 || g.HWo >= kLoopGemmMinPixels) {
-        dW = at::mm(dz3[0], P[0].t());
-        for (int64_t n = 1; n < g.N; ++n) dW.addmm_(dz3[n], P[n].t());
+        dW = at::mm(dz3[0], pc[0].t());
+        for (int64_t n = 1; n < g.N; ++n) dW.addmm_(dz3[n], pc[n].t());
       } else {
         dW = at::mm(dz3.permute({1, 0, 2}).reshape({C, g.M}),
-                    P.permute({0, 2, 1}).reshape({g.M, g.K}));
+                    pc.permute({0, 2, 1}).reshape({g.M, g.K}));
       }
     }
     P = Tensor();
-    Tensor dw4 = g.out_cl ? dW.view({C, g.p, g.p, g.Cin}).permute({0, 3, 1, 2})
-                          : dW.view({C, g.Cin, g.p, g.p});
+    Tensor dw4 = g.in_cl ? dW.view({C, g.p, g.p, g.Cin}).permute({0, 3, 1, 2})
+                         : dW.view({C, g.Cin, g.p, g.p});
     dweight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
     dweight.copy_(dw4);
   }
   if (need_dx) {
     const bool direct = g.p == 1 && kSame;  // pw_block: the GEMM writes dx itself
     const bool full = g.Ho * g.p == g.H && g.Wo * g.p == g.W;
-    dx = at::empty(x.sizes(), x.options().memory_format(g.fmt));
+    dx = at::empty(x.sizes(), x.options().memory_format(g.in_fmt));
     if (!full) dx.zero_();  // pixels outside the patches get no gradient
-    if (g.out_cl) {
-      Tensor dz2 = D.permute({0, 2, 3, 1}).view({g.M, C});
+    if (g.in_cl) {
+      // dP[n] (HWo, K) = dz[n]^T (HWo, C) @ W (C, K): one mm when dz is channels_last too
+      Tensor dz2 = g.out_cl ? D.permute({0, 2, 3, 1}).view({g.M, C}) : Tensor();
+      Tensor dzt = g.out_cl ? Tensor() : out_cols(g, D).transpose(1, 2);
       if (direct) {
-        Tensor dx2 = dx.permute({0, 2, 3, 1}).view({g.M, g.Cin});
-        at::mm_out(dx2, dz2, Wm);
+        Tensor dx3 = dx.permute({0, 2, 3, 1}).view({g.N, g.HWo, g.Cin});
+        if (g.out_cl) {
+          Tensor dx2 = dx3.view({g.M, g.Cin});
+          at::mm_out(dx2, dz2, Wm);
+        } else {
+          at::bmm_out(dx3, dzt, Wm.expand({g.N, C, g.K}));
+        }
       } else {
-        Tensor dP = at::mm(dz2, Wm);  // (M, K), K ordered (di, dj, ci)
+        Tensor dP = g.out_cl ? at::mm(dz2, Wm) : at::bmm(dzt, Wm.expand({g.N, C, g.K}));
+        // (M, K), K ordered (di, dj, ci)
         dx.permute({0, 2, 3, 1})
             .narrow(1, 0, g.Ho * g.p)
             .narrow(2, 0, g.Wo * g.p)
@@ -905,7 +958,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
             .copy_(dP.view({g.N, g.Ho, g.Wo, g.p, g.p, g.Cin}));
       }
     } else {
-      Tensor dz3 = D.view({g.N, C, g.HWo});
+      // dP[n] (K, HWo) = W^T (K, C) @ dz[n] (C, HWo)
+      Tensor dz3 = out_cols(g, D);
       Tensor wt = Wm.t().expand({g.N, g.K, C});
       if (direct) {
         Tensor dx3 = dx.view({g.N, g.Cin, g.HWo});
@@ -929,8 +983,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_entry(
     bool patch, const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
     const OptTensor& running_var, bool use_batch_stats, double eps, c10::string_view activation,
-    bool save_preact) {
-  const Geom g = make_geom(patch, x, weight, op);
+    bool save_preact, c10::string_view out_format) {
+  const Geom g = make_geom(patch, x, weight, parse_out_format(out_format, op), op);
   const int64_t C = g.Cout;
   check_per_channel(bias, "bias", C, op);
   check_per_channel(bn_weight, "bn_weight", C, op);
@@ -951,7 +1005,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_entry(
     const OptTensor& bias, const OptTensor& bn_weight, const Tensor& mean, const Tensor& var,
     const Tensor& preact, bool use_batch_stats, double eps, c10::string_view activation,
     const c10::List<bool>& output_mask) {
-  const Geom g = make_geom(patch, x, weight, op);
+  // grad_out and preact may come in any layout: work in preact's (the forward's output
+  // layout), else grad_out's; dx is in x's.
+  const Geom g = make_geom(patch, x, weight,
+                           output_memory_format(preact.numel() > 0 ? preact : grad_out), op);
   const int64_t C = g.Cout;
   check_per_channel(bias, "bias", C, op);
   check_per_channel(bn_weight, "bn_weight", C, op);
@@ -985,17 +1042,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_entry(
 std::tuple<Tensor, Tensor, Tensor, Tensor> pw_block_forward_cpu(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool use_batch_stats, double eps, c10::string_view activation, bool save_preact) {
+    bool use_batch_stats, double eps, c10::string_view activation, bool save_preact,
+    c10::string_view out_format) {
   return forward_entry(false, "pw_block_forward_kernel", x, weight, bias, bn_weight, bn_bias,
-                       running_mean, running_var, use_batch_stats, eps, activation, save_preact);
+                       running_mean, running_var, use_batch_stats, eps, activation, save_preact,
+                       out_format);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> patch_embed_forward_cpu(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool use_batch_stats, double eps, c10::string_view activation, bool save_preact) {
+    bool use_batch_stats, double eps, c10::string_view activation, bool save_preact,
+    c10::string_view out_format) {
   return forward_entry(true, "patch_embed_forward_kernel", x, weight, bias, bn_weight, bn_bias,
-                       running_mean, running_var, use_batch_stats, eps, activation, save_preact);
+                       running_mean, running_var, use_batch_stats, eps, activation, save_preact,
+                       out_format);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pw_block_backward_cpu(
