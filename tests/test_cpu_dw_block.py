@@ -97,6 +97,44 @@ def test_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
+def test_wide_tiles_match_reference_and_narrow_tiles(layout, dtype, training):
+    """channels_last tiles hold up to 8 blocks of 8 channels (tile_subs() in dw_block.cpp: as
+    many as still leave 4 tiles per thread): 1 thread takes tiles of 64 + 4 channels here (the
+    whole-line reader, then the per-channel one for the partial last block), 8 threads 1-block
+    tiles. channel_slice is a channels_last view of channels 4..71 of a 76-channel tensor
+    (pixels 76 channels apart)."""
+    shape = (4, 68, 9, 11)
+    args = list(args_for(shape, 5, dtype, "channels_last", training, True))
+    if layout == "channel_slice":
+        base = make_input((4, 76, 9, 11), dtype, "channels_last")
+        args[0] = base[:, 4:72]
+        assert args[0].stride(1) == 1 and not args[0].is_contiguous(memory_format=torch.channels_last)
+    args = tuple(args)
+    want = reference.forward(DW_BLOCK, *args)
+    out, mean, var, preact = want
+    grad = make_input(out.shape, dtype, "channels_last")
+    bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, "gelu", [True] * 5)
+    want_b = reference.backward(DW_BLOCK, *bargs)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 8):
+            torch.set_num_threads(t)
+            results.append((CPU.forward("dw_block", *args), CPU.backward("dw_block", *bargs)))
+    finally:
+        torch.set_num_threads(threads)
+    for fwd, bwd in results:
+        for name, g, w in zip(("out", "mean", "var", "preact"), fwd, want):
+            close(name, g, w, dtype)
+        for name, g, w in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), bwd, want_b):
+            close(name, g, w, dtype)
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert torch.equal(a, b)
+
+
 def test_rejects_what_it_cannot_run():
     args = args_for((2, 3, 5, 5), 3, torch.float32, "nchw", True, False)
     with pytest.raises(RuntimeError, match="float64 runs on the reference backend"):

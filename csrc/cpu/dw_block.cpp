@@ -51,6 +51,11 @@ struct Plane {
     Hp = H + 2 * p;
   }
   int64_t size() const { return Hp * Wp * CB; }                      // floats of a padded buffer
+  // Strides between the sub-blocks of a tile's buffers (padded, and H x W x CB): 64 bytes more
+  // than the data, so that sub-blocks sized in whole 4 KiB pages (32 x 32 x 8 floats is) do
+  // not map a pixel of every sub-block to the same L1 set.
+  int64_t sub() const { return size() + 16; }
+  int64_t zsub() const { return H * W * CB + 16; }
   int64_t interior() const { return (p * Wp + p) * CB; }            // offset of element (0, 0)
 };
 
@@ -59,9 +64,32 @@ struct Strides4 {
   explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
 
-// A tile: channels [c0, c0 + cb) of image n (cb <= CB; missing channels are zeros).
+// A tile: channels [c0, c0 + cb) of image n, held as subs() sub-blocks of CB channels, sub-block
+// j in its own buffer (buffer j at offset j * sub floats); channels of a last, partial
+// sub-block past cb are left as they are (every channel is computed on its own, so whatever
+// they hold never reaches a real channel).
+// Up to kMaxSubs sub-blocks per tile (tile_subs()): a channels_last tile then reads and writes
+// runs of whole cache lines per pixel (64 float32 channels: 4 lines) instead of half a line,
+// pixels lie C floats apart, and one tile's lines no longer compete with the next tile's.
+constexpr int64_t kMaxSubs = 8;
+constexpr int64_t kPrefetch = 16;  // pixels ahead that the channels_last reader/writer prefetch
+
+// Sub-blocks per tile: for channels_last (interleaved) inputs the most (up to kMaxSubs) that
+// still leave at least 4 tiles per thread and keep a tile's padded input within 4 MiB (large
+// planes gain nothing from more); 1 for NCHW, whose planes are contiguous anyway. The result
+// does not depend on it (channels are independent, reductions per (n, c) plane).
+inline int64_t tile_subs(int64_t N, int64_t C, int64_t plane_floats, bool interleaved) {
+  if (!interleaved) return 1;
+  const int64_t blocks = (C + CB - 1) / CB, want = 4 * static_cast<int64_t>(at::get_num_threads());
+  constexpr int64_t kTileFloats = int64_t(1) << 20;
+  int64_t ns = kMaxSubs;
+  while (ns > 1 && (N * ((blocks + ns - 1) / ns) < want || ns * plane_floats > kTileFloats)) ns /= 2;
+  return ns;
+}
 struct Tile {
   int64_t n, c0, cb;
+  int64_t subs() const { return (cb + CB - 1) / CB; }
+  int64_t sub_channels(int64_t j) const { return std::min(CB, cb - j * CB); }
 };
 
 template <typename scalar_t>
@@ -69,25 +97,31 @@ inline float round_to(float v) {  // the value a float32 has once stored in scal
   return static_cast<float>(static_cast<scalar_t>(v));
 }
 
-// dst[((h * rs) + w) * CB + cc] (+ off) = src[n, c0 + cc, h, w].
+// dst[j * sub + ((h * rs) + w) * CB + cc] = src[n, c0 + j * CB + cc, h, w].
 template <typename scalar_t>
 void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H, int64_t W, float* dst,
-               int64_t rs) {
+               int64_t rs, int64_t sub) {
   const scalar_t* base = src + t.n * s.n + t.c0 * s.c;
-  if (s.c == 1 && t.cb == CB) {  // channels_last: CB contiguous channels per pixel
+  if (s.c == 1 && t.cb % CB == 0) {  // channels_last: cb contiguous channels per pixel
+    const int64_t nj = t.cb / CB, line_bytes = t.cb * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         const scalar_t* px = base + h * s.h + w * s.w;
+        // Pixels lie C channels apart, too far apart for the hardware prefetchers: fetch
+        // ahead (a prefetch never faults, so running past the tensor is harmless).
+        const char* ahead = reinterpret_cast<const char*>(px + kPrefetch * s.w);
+        for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l);
         float* d = dst + (h * rs + w) * CB;
+        for (int64_t j = 0; j < nj; ++j)
 #pragma omp simd
-        for (int64_t cc = 0; cc < CB; ++cc) d[cc] = static_cast<float>(px[cc]);
+          for (int64_t cc = 0; cc < CB; ++cc) d[j * sub + cc] = static_cast<float>(px[j * CB + cc]);
       }
     return;
   }
-  for (int64_t cc = 0; cc < t.cb; ++cc)
+  for (int64_t c = 0; c < t.cb; ++c)
     for (int64_t h = 0; h < H; ++h) {
-      const scalar_t* in = base + cc * s.c + h * s.h;
-      float* d = dst + h * rs * CB + cc;
+      const scalar_t* in = base + c * s.c + h * s.h;
+      float* d = dst + (c / CB) * sub + h * rs * CB + c % CB;
       for (int64_t w = 0; w < W; ++w) d[w * CB] = static_cast<float>(in[w * s.w]);
     }
 }
@@ -95,22 +129,26 @@ void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H,
 // The inverse of read_tile (rounding to scalar_t); only the tile's cb channels are written.
 template <typename scalar_t>
 void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int64_t W, const float* src,
-                int64_t rs) {
+                int64_t rs, int64_t sub) {
   scalar_t* base = dst + t.n * s.n + t.c0 * s.c;
-  if (s.c == 1 && t.cb == CB) {
+  if (s.c == 1 && t.cb % CB == 0) {
+    const int64_t nj = t.cb / CB, line_bytes = t.cb * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         scalar_t* px = base + h * s.h + w * s.w;
+        char* ahead = reinterpret_cast<char*>(px + kPrefetch * s.w);
+        for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l, 1);
         const float* v = src + (h * rs + w) * CB;
+        for (int64_t j = 0; j < nj; ++j)
 #pragma omp simd
-        for (int64_t cc = 0; cc < CB; ++cc) px[cc] = static_cast<scalar_t>(v[cc]);
+          for (int64_t cc = 0; cc < CB; ++cc) px[j * CB + cc] = static_cast<scalar_t>(v[j * sub + cc]);
       }
     return;
   }
-  for (int64_t cc = 0; cc < t.cb; ++cc)
+  for (int64_t c = 0; c < t.cb; ++c)
     for (int64_t h = 0; h < H; ++h) {
-      scalar_t* out = base + cc * s.c + h * s.h;
-      const float* v = src + h * rs * CB + cc;
+      scalar_t* out = base + c * s.c + h * s.h;
+      const float* v = src + (c / CB) * sub + h * rs * CB + c % CB;
       for (int64_t w = 0; w < W; ++w) out[w * s.w] = static_cast<scalar_t>(v[w * CB]);
     }
 }
@@ -434,22 +472,25 @@ void finalize_stats(const std::vector<double>& pmean, const std::vector<double>&
 
 // Scratch buffers of one thread, allocated (and zeroed) once per parallel chunk: padded
 // buffers keep their zero borders because tiles only ever write their interiors.
+// Every buffer holds ns sub-blocks: padded ones (P, DZ) at a stride of g.sub() floats, the
+// others (H x W x CB each) at a stride of g.zsub().
 struct Workspace {
   std::vector<float> P, Z, A, D, DY, DZ, OUT;
-  Workspace(const Plane& g, bool backward)
-      : P(g.size(), 0.f), Z(g.H * g.W * CB), A(g.H * g.W * CB), D(backward ? g.H * g.W * CB : 0),
-        DY(backward ? g.H * g.W * CB : 0), DZ(backward ? g.size() : 0, 0.f), OUT(g.H * g.W * CB) {}
+  Workspace(const Plane& g, bool backward, int64_t ns)
+      : P(ns * g.sub(), 0.f), Z(ns * g.zsub()), A(ns * g.zsub()), D(backward ? ns * g.zsub() : 0),
+        DY(backward ? ns * g.zsub() : 0), DZ(backward ? ns * g.sub() : 0, 0.f), OUT(ns * g.zsub()) {}
 };
 
-// Runs fn(tile, block, workspace) for every (n, channel block) tile, in parallel.
+// Runs fn(tile, block, workspace) for every tile (image n, tile_subs() channel blocks), in
+// parallel; block is the index of the tile's first CB-channel block.
 template <typename Fn>
-void for_each_tile(int64_t N, int64_t C, const Plane& g, bool backward, Fn fn) {
-  const int64_t blocks = (C + CB - 1) / CB;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    Workspace ws(g, backward);
+void for_each_tile(int64_t N, int64_t C, const Plane& g, bool backward, bool interleaved, Fn fn) {
+  const int64_t ns = tile_subs(N, C, g.sub(), interleaved), tc = ns * CB, tiles = (C + tc - 1) / tc;
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(g, backward, ns);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, b = t % blocks;
-      fn(Tile{n, b * CB, std::min(CB, C - b * CB)}, b, ws);
+      const int64_t n = t / tiles, c0 = (t % tiles) * tc;
+      fn(Tile{n, c0, std::min(tc, C - c0)}, c0 / CB, ws);
     }
   });
 }
@@ -495,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // Training keeps act(z) of every tile, in float32 and tile order (contiguous, read once
   // more in pass 2), until the statistics are known: pass 2 neither re-reads z through the
   // layout-aware reader nor evaluates the activation again.
-  const int64_t blocks = Cpad / CB;
+  const int64_t blocks = Cpad / CB, HWC = HW * CB, gs = g.sub(), zs = g.zsub();
   at::Tensor acache = use_batch_stats ? at::empty({N * blocks * HW * CB}, x.options().dtype(at::kFloat))
                                       : at::empty({0}, x.options().dtype(at::kFloat));
   float* const acp = acache.data_ptr<float>();
@@ -524,25 +565,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   };
 
   // Pass 1: conv; eval writes out directly, training act(z) to the cache and per-plane statistics.
-  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t b, Workspace& ws) {
+  for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
     float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data();
-    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
-    conv_tile(P, g, wp + b * kk * CB, bpack.data() + t.c0, Z, W);
-    round_tile<scalar_t>(Z, HW * CB);
-    if (save_preact) write_tile(preact.data_ptr<scalar_t>(), sz, t, H, W, Z, W);
-    if (use_batch_stats) A = acp + (t.n * blocks + b) * HW * CB;
-    act_forward(act, Z, A, HW * CB);
+    const int64_t nj = t.subs();
+    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
+    for (int64_t j = 0; j < nj; ++j)
+      conv_tile(P + j * gs, g, wp + (b + j) * kk * CB, bpack.data() + t.c0 + j * CB, Z + j * zs, W);
+    for (int64_t j = 0; j < nj; ++j) round_tile<scalar_t>(Z + j * zs, HWC);
+    if (save_preact) write_tile(preact.data_ptr<scalar_t>(), sz, t, H, W, Z, W, zs);
+    // act(z): the training cache has the sub-blocks back to back, the workspace at zs
+    const int64_t as = use_batch_stats ? HWC : zs;
+    if (use_batch_stats) A = acp + (t.n * blocks + b) * HWC;
+    for (int64_t j = 0; j < nj; ++j) act_forward(act, Z + j * zs, A + j * as, HWC);
     if (use_batch_stats) {
-      double m[CB], q[CB];
-      tile_moments(A, HW, m, q);
-      for (int64_t cc = 0; cc < t.cb; ++cc) {
-        pmean[t.n * Cpad + t.c0 + cc] = m[cc];
-        pm2[t.n * Cpad + t.c0 + cc] = q[cc];
+      for (int64_t j = 0; j < nj; ++j) {
+        double m[CB], q[CB];
+        tile_moments(A + j * as, HW, m, q);
+        for (int64_t cc = 0; cc < t.sub_channels(j); ++cc) {
+          pmean[t.n * Cpad + t.c0 + j * CB + cc] = m[cc];
+          pm2[t.n * Cpad + t.c0 + j * CB + cc] = q[cc];
+        }
       }
       return;
     }
-    residual_affine(P, A, ws.OUT.data(), t.c0);
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W);
+    for (int64_t j = 0; j < nj; ++j) residual_affine(P + j * gs, A + j * as, ws.OUT.data() + j * zs, t.c0 + j * CB);
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
   });
   if (!use_batch_stats) return {out, mean, var, preact};
 
@@ -555,11 +602,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   finalize_stats(cm, cq, N, C, HW, mean, var);
   aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
   // Pass 2: out = x + act(z) * scale + shift, act(z) from the cache.
-  for_each_tile(N, C, g, false, [&](const Tile& t, int64_t b, Workspace& ws) {
+  for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
     float* P = ws.P.data();
-    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
-    residual_affine(P, acp + (t.n * blocks + b) * HW * CB, ws.OUT.data(), t.c0);
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W);
+    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
+    for (int64_t j = 0; j < t.subs(); ++j)
+      residual_affine(P + j * gs, acp + (t.n * blocks + b + j) * HWC, ws.OUT.data() + j * zs, t.c0 + j * CB);
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
   });
   return {out, mean, var, preact};
 }
@@ -572,7 +620,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const Plane g(H, W, weight.size(2));
   check_plane_fits(g);
-  const int64_t k = g.k, kk = k * k, blocks = (C + CB - 1) / CB, Cpad = blocks * CB;
+  const int64_t k = g.k, kk = k * k, blocks = (C + CB - 1) / CB, Cpad = blocks * CB, HWC = HW * CB, gs = g.sub(),
+                zs = g.zsub();
   const Affine aff = make_affine(mean, var, bn_weight, c10::nullopt, eps, Cpad);
   const at::Tensor wpack = pack_weights(weight, C, k, false), wflip = pack_weights(weight, C, k, true);
   const std::vector<float> bpack = pad_channels(bias, C, Cpad), zeros(Cpad, 0.f);
@@ -584,37 +633,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const scalar_t* gp = grad_out.data_ptr<scalar_t>();
   const bool have_z = preact_in.numel() > 0;
 
-  // Loads the tile's x (padded) and z (recomputed from x when preact was not saved).
-  auto load_xz = [&](const Tile& t, int64_t b, float* P, float* Z) {
-    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp);
+  // Loads the tile's x (padded; only where needed: z needs it unless saved) and z.
+  auto load_xz = [&](const Tile& t, int64_t b, float* P, float* Z, bool need_x) {
+    if (need_x || !have_z) read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
     if (have_z) {
-      read_tile(preact_in.data_ptr<scalar_t>(), Strides4(preact_in), t, H, W, Z, W);
+      read_tile(preact_in.data_ptr<scalar_t>(), Strides4(preact_in), t, H, W, Z, W, zs);
       return;
     }
-    conv_tile(P, g, wpack.data_ptr<float>() + b * kk * CB, bpack.data() + t.c0, Z, W);
-    round_tile<scalar_t>(Z, HW * CB);
+    for (int64_t j = 0; j < t.subs(); ++j)
+      conv_tile(P + j * gs, g, wpack.data_ptr<float>() + (b + j) * kk * CB, bpack.data() + t.c0 + j * CB,
+                Z + j * zs, W);
+    for (int64_t j = 0; j < t.subs(); ++j) round_tile<scalar_t>(Z + j * zs, HWC);
   };
 
   // Pass 1: per-(n, c) sums of dy and dy * xhat.
   std::vector<double> psum_dy(N * Cpad), psum_dyx(N * Cpad);
-  for_each_tile(N, C, g, true, [&](const Tile& t, int64_t b, Workspace& ws) {
+  for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
     float *P = ws.P.data(), *Z = ws.Z.data(), *DY = ws.DY.data();
-    load_xz(t, b, P, Z);
-    read_tile(gp, sg, t, H, W, DY, W);
-    act_forward(act, Z, Z, HW * CB);
-    const float* mu = aff.mean.data() + t.c0;
-    const float* is = aff.invstd.data() + t.c0;
-    double s[CB] = {0.0}, sx2[CB] = {0.0};
-    for (int64_t i = 0; i < HW; ++i)
+    const int64_t nj = t.subs();
+    load_xz(t, b, P, Z, false);
+    read_tile(gp, sg, t, H, W, DY, W, zs);
+    for (int64_t j = 0; j < nj; ++j) act_forward(act, Z + j * zs, Z + j * zs, HWC);
+    for (int64_t j = 0; j < nj; ++j) {
+      const int64_t c0 = t.c0 + j * CB;
+      const float* mu = aff.mean.data() + c0;
+      const float* is = aff.invstd.data() + c0;
+      const float *dyj = DY + j * zs, *aj = Z + j * zs;
+      double s[CB] = {0.0}, sx2[CB] = {0.0};
+      for (int64_t i = 0; i < HW; ++i)
 #pragma omp simd
+        for (int64_t cc = 0; cc < CB; ++cc) {
+          const float dy = dyj[i * CB + cc];
+          s[cc] += dy;
+          sx2[cc] += static_cast<double>(dy * ((aj[i * CB + cc] - mu[cc]) * is[cc]));
+        }
       for (int64_t cc = 0; cc < CB; ++cc) {
-        const float dy = DY[i * CB + cc];
-        s[cc] += dy;
-        sx2[cc] += static_cast<double>(dy * ((Z[i * CB + cc] - mu[cc]) * is[cc]));
+        psum_dy[t.n * Cpad + c0 + cc] = s[cc];
+        psum_dyx[t.n * Cpad + c0 + cc] = sx2[cc];
       }
-    for (int64_t cc = 0; cc < CB; ++cc) {
-      psum_dy[t.n * Cpad + t.c0 + cc] = s[cc];
-      psum_dyx[t.n * Cpad + t.c0 + cc] = sx2[cc];
     }
   });
   std::vector<double> sum_dy(Cpad, 0.0), sum_dyx(Cpad, 0.0);
@@ -637,35 +693,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   if (need_dx || need_dw || need_db) {
     const Strides4 sdx(need_dx ? dx : x);
-    for_each_tile(N, C, g, true, [&](const Tile& t, int64_t b, Workspace& ws) {
+    for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
       float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data(), *D = ws.D.data(), *DY = ws.DY.data(),
             *DZ = ws.DZ.data(), *OUT = ws.OUT.data();
-      load_xz(t, b, P, Z);
-      read_tile(gp, sg, t, H, W, DY, W);
-      act_forward_deriv(act, Z, A, D, HW * CB);
-      const float *mu = aff.mean.data() + t.c0, *is = aff.invstd.data() + t.c0, *sc = s1.data() + t.c0,
-                  *m1 = mdy.data() + t.c0, *m2 = mdyx.data() + t.c0;
-      // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-      double db[CB] = {0.0};
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t i = (h * W + w) * CB;
-          float* dzp = DZ + g.interior() + (h * g.Wp + w) * CB;
+      const int64_t nj = t.subs();
+      load_xz(t, b, P, Z, need_dw);
+      read_tile(gp, sg, t, H, W, DY, W, zs);
+      for (int64_t j = 0; j < nj; ++j) act_forward_deriv(act, Z + j * zs, A + j * zs, D + j * zs, HWC);
+      for (int64_t j = 0; j < nj; ++j) {
+        const int64_t c0 = t.c0 + j * CB;
+        const float *mu = aff.mean.data() + c0, *is = aff.invstd.data() + c0, *sc = s1.data() + c0,
+                    *m1 = mdy.data() + c0, *m2 = mdyx.data() + c0;
+        const float *Aj = A + j * zs, *DYj = DY + j * zs;
+        float *Dj = D + j * zs, *DZj = DZ + j * gs;
+        // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+        double db[CB] = {0.0};
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t i = (h * W + w) * CB;
+            float* dzp = DZj + g.interior() + (h * g.Wp + w) * CB;
 #pragma omp simd
-          for (int64_t cc = 0; cc < CB; ++cc) {
-            const float xhat = (A[i + cc] - mu[cc]) * is[cc];
-            const float dz = D[i + cc] * sc[cc] * (DY[i + cc] - m1[cc] - xhat * m2[cc]);
-            D[i + cc] = dz;
-            dzp[cc] = dz;
-            db[cc] += dz;
+            for (int64_t cc = 0; cc < CB; ++cc) {
+              const float xhat = (Aj[i + cc] - mu[cc]) * is[cc];
+              const float dz = Dj[i + cc] * sc[cc] * (DYj[i + cc] - m1[cc] - xhat * m2[cc]);
+              Dj[i + cc] = dz;
+              dzp[cc] = dz;
+              db[cc] += dz;
+            }
           }
-        }
-      for (int64_t cc = 0; cc < CB; ++cc) pdb[t.n * Cpad + t.c0 + cc] = db[cc];
-      if (need_dw) wgrad_tile(P, g, D, pdw.data() + (t.n * blocks + b) * kk * CB);
+        for (int64_t cc = 0; cc < CB; ++cc) pdb[t.n * Cpad + c0 + cc] = db[cc];
+        if (need_dw) wgrad_tile(P + j * gs, g, Dj, pdw.data() + (t.n * blocks + b + j) * kk * CB);
+        if (need_dx) conv_tile(DZj, g, wflip.data_ptr<float>() + (b + j) * kk * CB, zeros.data(), OUT + j * zs, W);
+      }
       if (need_dx) {
-        conv_tile(DZ, g, wflip.data_ptr<float>() + b * kk * CB, zeros.data(), OUT, W);
-        for (int64_t i = 0; i < HW * CB; ++i) OUT[i] += DY[i];
-        write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W);
+        for (int64_t j = 0; j < nj; ++j)
+          for (int64_t i = 0; i < HWC; ++i) OUT[j * zs + i] += DY[j * zs + i];
+        write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W, zs);
       }
     });
   }
