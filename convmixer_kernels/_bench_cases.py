@@ -5,7 +5,11 @@ A ``Case`` is one shape of one op or model; ``case_set`` gives the cases of each
 for a device type (DESIGN.md section 5 on GPU, smaller shapes on CPU). Providers:
 
 - ``fused_<backend>``: our modules run by one backend (``fused_auto`` where the
-  automatic choice mixes backends across a layer's ops);
+  automatic choice mixes backends across a layer's ops), on NCHW inputs and weights
+  like ``eager_nchw``;
+- ``fused_<backend>_cl`` (op cases): the same on channels_last inputs and weights, the
+  layout ``ck.ConvMixer`` runs its trunk in (and that every fused op writes by default
+  but ``dw_block``, which follows its input);
 - ``fused_triton_layer`` (op ``layer``, mode ``inference``, GPU only): the
   ConvMixerLayer as ONE Triton kernel (``convmixer_kernels.ops.layer``: the depthwise
   block computed in the pointwise GEMM's prologue), to measure that split against the
@@ -26,7 +30,7 @@ import torch
 from . import backends
 from ._roofline import IN_CHANS, Cost, model_cost, op_cost
 
-__all__ = ["MEMORY_SAVING_SUFFIX", "OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
+__all__ = ["MEMORY_SAVING_SUFFIX", "CHANNELS_LAST_SUFFIX", "OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
            "LAYER_FUSION_PROVIDER", "Case", "ModelSpec", "case_set", "our_providers"]
 
 OPS = ("dw_block", "pw_block", "patch_embed", "layer")
@@ -38,6 +42,7 @@ TIMM_BASELINES = ("resnet152", "deit_base_patch16_224", "resmlp_24_224", "mixer_
 SWEEP_KERNEL_SIZES = tuple(range(3, 32, 2))
 LAYER_FUSION_PROVIDER = "fused_triton_layer"  # one-kernel eval layer (inference mode only)
 MEMORY_SAVING_SUFFIX = "_memsave"  # fused_<backend>_memsave: memory-saving training (forward_backward)
+CHANNELS_LAST_SUFFIX = "_cl"  # fused_<backend>_cl: channels_last inputs and weights (op cases)
 OP_USES = {"dw_block": ("dw_block",), "pw_block": ("pw_block",), "patch_embed": ("patch_embed",),
            "layer": ("dw_block", "pw_block")}
 
@@ -197,7 +202,8 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
     every available one, except ``triton`` on CPU, where it runs only under Triton's
     interpreter) that can run every op of the case, plus ``fused_auto`` where the automatic
     choice mixes backends, plus ``fused_triton_layer`` for a ``layer`` case in
-    ``mode == "inference"`` on a GPU where ``fused_triton`` runs, plus, in
+    ``mode == "inference"`` on a GPU where ``fused_triton`` runs, plus, for an op case,
+    ``fused_<b>_cl`` for each backend ``b`` (channels_last inputs and weights), plus, in
     ``mode == "forward_backward"``, ``fused_<b>_memsave``: the memory-saving training mode
     (``set_memory_saving``) of the backend ``b`` that ``auto`` picks (or the first one
     listed), whose peak memory the run compares with the default mode's and eager's
@@ -214,6 +220,8 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
         out.append((LAYER_FUSION_PROVIDER, "triton"))
     x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
     plain = [b for _, b in out if b in names]
+    if case.kind == "op":
+        out += [(f"fused_{b}{CHANNELS_LAST_SUFFIX}", b) for b in plain]
     if mode == "forward_backward" and plain:
         preferred = backends.resolve("auto", case.ops_used[0], x)
         b = preferred if preferred in plain else plain[0]

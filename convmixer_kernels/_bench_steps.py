@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._bench_cases import LAYER_FUSION_PROVIDER, MEMORY_SAVING_SUFFIX, Case
+from ._bench_cases import CHANNELS_LAST_SUFFIX, LAYER_FUSION_PROVIDER, MEMORY_SAVING_SUFFIX, Case
 from .convert import set_backend, set_memory_saving
 from .modules import ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple
 
@@ -133,7 +133,8 @@ class Built:
         runs one forward on the first input set (for the cross-provider check)."""
         self.module.load_state_dict(self.state)
         self.module.train(mode != "inference")
-        fmt = torch.channels_last if provider == "eager_channels_last" else torch.contiguous_format
+        channels_last = provider == "eager_channels_last" or provider.endswith(CHANNELS_LAST_SUFFIX)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         with _memory_format(self.module, fmt):
             f = self._callable(provider, backend)
             grad_x = mode != "inference" and self.case.needs_input_grad

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from convmixer_kernels import _bench_cases, bench
 from convmixer_kernels._roofline import model_cost, op_cost
@@ -44,7 +45,30 @@ def test_every_requested_row_present(rows):
     ops = bench.OPS + ("convmixer_cifar_256_8",)
     want = [(op, mode, p) for op in ops for mode in bench.MODES for p in PROVIDERS]
     want += [(op, "forward_backward", "fused_cpu_memsave") for op in ops]  # auto's choice on CPU
+    want += [(op, mode, p + "_cl") for op in bench.OPS for mode in bench.MODES for p in OURS]
     assert keys == sorted(want)
+
+
+@pytest.mark.parametrize("provider,channels_last", [("fused_cpu", False), ("fused_cpu_cl", True),
+                                                    ("fused_reference_cl", True)])
+def test_provider_input_layout(provider, channels_last):
+    """fused_<b>_cl times the fused module on channels_last inputs (and weights), as
+    eager_channels_last does; fused_<b> gets NCHW inputs, as eager_nchw."""
+    from convmixer_kernels._bench_steps import build
+
+    case = next(c for c in _bench_cases.case_set("cpu", "ops", quick=True) if c.op == "dw_block")
+    case = case.with_overrides(batch=2, dim=8, size=8, kernel_size=3)
+    built = build(case, torch.device("cpu"), torch.float32, l2_bytes=1 << 20)
+    seen = []
+    hook = built.module.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    try:
+        with built.provider(provider, "cpu", "inference") as (step, _forward):
+            step()
+    finally:
+        hook.remove()
+    assert seen and all(v == channels_last for v in seen)
 
 
 def test_memory_saving_provider_uses_less_memory(rows):
@@ -84,8 +108,9 @@ def test_row_values(rows):
         assert r["max_abs_diff"] < 1e-4, r  # every provider computes the same thing
         assert r["device"] and r["device_type"] == "cpu" and r["sm_count"] == os.cpu_count()
         assert r["torch"] and r["dtype"] == "float32" and r["timestamp"] and r["run_id"]
-        assert r["kind"] == ("ours" if r["provider"] in OURS + ("fused_cpu_memsave",) else "baseline")
-        ours_backend = r["provider"][len("fused_"):].removesuffix("_memsave")
+        assert r["kind"] == ("ours" if r["provider"] in OURS + ("fused_cpu_memsave", "fused_cpu_cl",
+                                                                 "fused_reference_cl") else "baseline")
+        ours_backend = r["provider"][len("fused_"):].removesuffix("_memsave").removesuffix("_cl")
         assert r["backend"] == (ours_backend if r["kind"] == "ours" else r["provider"])
         assert (r["img_per_s"] == "") == (r["op"] in bench.OPS)
 
@@ -142,20 +167,20 @@ def test_subset_table_progress_and_append(tmp_path, capsys):
     out_rows = bench.run(args)
     assert {(r["op"], r["mode"]) for r in out_rows} == {("pw_block", "inference"),
                                                         ("pw_block", "forward_backward")}
-    assert {r["provider"] for r in out_rows} == {"fused_reference", "eager_nchw", "eager_channels_last",
-                                                 "fused_reference_memsave"}
+    assert {r["provider"] for r in out_rows} == {"fused_reference", "fused_reference_cl", "eager_nchw",
+                                                 "eager_channels_last", "fused_reference_memsave"}
     assert {r["mode"] for r in out_rows if r["provider"].endswith("_memsave")} == {"forward_backward"}
     captured = capsys.readouterr()
     table_lines = [ln for ln in captured.out.splitlines() if ln.startswith("pw_block")]
-    assert len(table_lines) == 7 and "fused_reference" in captured.out
+    assert len(table_lines) == 9 and "fused_reference" in captured.out
     assert "roofline ceilings" in captured.out and "float32" in captured.out
-    assert "[7/7]" in captured.err  # progress lines go to stderr
+    assert "[9/9]" in captured.err  # progress lines go to stderr
     bench.run(args)
     text = path.read_text()
     assert text.count("run_id,suite,op") == 1  # no second header
     with open(path, newline="") as f:
         read = list(csv.DictReader(f))
-    assert len(read) == 14 and len({r["run_id"] for r in read}) >= 1
+    assert len(read) == 18 and len({r["run_id"] for r in read}) >= 1
 
 
 def test_csv_of_another_format_is_refused(tmp_path, capsys):
