@@ -278,7 +278,7 @@ def test_bench_provider_offered_for_gpu_layer_inference_only():
     case = next(c for c in case_set("cpu", "ops", quick=True) if c.op == "layer")
     names = [p for p, _ in our_providers(case, torch.device("cpu"), torch.float32, ["triton"],
                                          "inference")]
-    assert names == ["fused_triton"]
+    assert names == ["fused_triton", "fused_triton_cl"]
 
 
 def test_bench_provider_runs_the_fused_layer():
