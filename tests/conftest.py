@@ -16,6 +16,12 @@ if not torch.cuda.is_available():
 
 import convmixer_kernels as ck  # noqa: E402
 
+# float32 means float32 in the tests: stock convolutions on a GPU use TF32 by default
+# (cuDNN), and our Triton GEMMs follow the same switch, so both are turned off here; the
+# float32 tolerances of DESIGN.md section 6 are IEEE float32's.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last", "strided")
 

@@ -84,7 +84,7 @@ def run_case(op, shape, cout, k, activation, dtype, layout, training, backend, d
         if buf.is_floating_point():
             assert_close_to_oracle(name, buf, ref_buf, [b for _, b in low_bufs])
         else:
-            assert torch.equal(buf, ref_buf), name
+            assert torch.equal(buf.cpu(), ref_buf), name
 
 
 DW_SHAPES = [(32, 1, 1, 1), (2, 3, 7, 7), (2, 17, 13, 7), (1, 64, 32, 32), (3, 17, 1, 13),
