@@ -219,7 +219,7 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
             and ("fused_triton", "triton") in out):
         out.append((LAYER_FUSION_PROVIDER, "triton"))
     x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
-    plain = [b for _, b in out if b in names]
+    plain = [b for p, b in out if p == f"fused_{b}"]  # not the layer-fusion provider's
     if case.kind == "op":
         out += [(f"fused_{b}{CHANNELS_LAST_SUFFIX}", b) for b in plain]
     if mode == "forward_backward" and plain:

@@ -257,7 +257,7 @@ def test_float64_needs_reference_backend():
         layer_eval(**a)
     with torch.no_grad():
         out = layer_eval(**a, backend="reference")
-    torch.testing.assert_close(out, stock(a, "gelu", torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.cpu(), stock(a, "gelu", torch.float64), rtol=1e-12, atol=1e-12)
 
 
 # ---- the benchmark provider -----------------------------------------------------------
@@ -271,14 +271,17 @@ def test_bench_provider_offered_for_gpu_layer_inference_only():
             for mode in (None,) + MODES:
                 names = [p for p, _ in our_providers(case, dev, dtype, None, mode)]
                 offered = LAYER_FUSION_PROVIDER in names
+                assert len(names) == len(set(names)), names
                 want = (device == "cuda" and case.op == "layer" and mode == "inference"
                         and "fused_triton" in names)
                 assert offered == want, (device, case.op, mode, names)
-    # on CPU not even when triton (the interpreter) is requested explicitly
+    # on CPU not even when triton (the interpreter) is requested explicitly; without the
+    # interpreter (a GPU machine) triton cannot run CPU tensors at all
     case = next(c for c in case_set("cpu", "ops", quick=True) if c.op == "layer")
     names = [p for p, _ in our_providers(case, torch.device("cpu"), torch.float32, ["triton"],
                                          "inference")]
-    assert names == ["fused_triton", "fused_triton_cl"]
+    want = ["fused_triton", "fused_triton_cl"] if "triton" in ck.available_backends("cpu") else []
+    assert names == want
 
 
 def test_bench_provider_runs_the_fused_layer():
