@@ -758,18 +758,42 @@ CMK_INLINE void gelu_fast16(__m512 z, __m512& a, __m512& d) {
 template <bool kDeriv>
 void run_gelu(const float* z, float* a, float* d, int64_t n) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 zv = _mm512_loadu_ps(z + i);
-    const __mmask16 fast = _mm512_cmp_ps_mask(and_ps(zv, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
+  // One vector: the fast path, or all 16 lanes through the AVX2 code if any is out of range.
+  auto one = [&](int64_t i, __m512 zv, __mmask16 fast) {
     if (fast != 0xffff) {
       ::convmixer_kernels::cpu::run_gelu<kDeriv>(z + i, a + i, kDeriv ? d + i : nullptr, 16);
-      continue;
+      return;
     }
     __m512 av, dv;
     gelu_fast16<kDeriv>(zv, av, dv);
     _mm512_storeu_ps(a + i, av);
     if (kDeriv) _mm512_storeu_ps(d + i, dv);
+  };
+  int64_t i = 0;
+  // Two vectors per step where both are in the fast range: their four independent
+  // polynomial chains (latency-bound one at a time) interleave. Same bits either way.
+  for (; i + 32 <= n; i += 32) {
+    const __m512 z0 = _mm512_loadu_ps(z + i), z1 = _mm512_loadu_ps(z + i + 16);
+    const __mmask16 f0 = _mm512_cmp_ps_mask(and_ps(z0, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
+    const __mmask16 f1 = _mm512_cmp_ps_mask(and_ps(z1, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
+    if ((f0 & f1) != 0xffff) {
+      one(i, z0, f0);
+      one(i + 16, z1, f1);
+      continue;
+    }
+    __m512 a0, d0, a1, d1;
+    gelu_fast16<kDeriv>(z0, a0, d0);
+    gelu_fast16<kDeriv>(z1, a1, d1);
+    _mm512_storeu_ps(a + i, a0);
+    _mm512_storeu_ps(a + i + 16, a1);
+    if (kDeriv) {
+      _mm512_storeu_ps(d + i, d0);
+      _mm512_storeu_ps(d + i + 16, d1);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 zv = _mm512_loadu_ps(z + i);
+    one(i, zv, _mm512_cmp_ps_mask(and_ps(zv, absmask), set1(kGeluFastMax), _CMP_LE_OQ));
   }
   if (i < n) ::convmixer_kernels::cpu::run_gelu<kDeriv>(z + i, a + i, kDeriv ? d + i : nullptr, n - i);
 }

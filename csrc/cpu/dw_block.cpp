@@ -260,10 +260,59 @@ inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, _
     }
 }
 
+// K > 0: the same sums, one padded input row at a time. A row's vectors at the even pixel
+// offsets (aligned) and the odd ones are loaded once and serve every tap j and every output
+// row r of the block (tap row i = row - r), instead of one load per (tap, pixel) with half
+// of them splitting cache lines. Each accumulator still gets its taps in (i, j) order: the
+// same bits as the loop above.
+template <int K, int ROWS>
+inline void conv_block_rows(const float* P, int64_t Wp, const float* wt, __m512 bias, int64_t h,
+                            int64_t w0, float* out, int64_t out_rs, int64_t nw) {
+  constexpr int NE = (K - 1) / 2 + NV;  // even offsets 0, 2, .., K - 1 + 2 (NV - 1)
+  constexpr int NO = (K - 1) / 2 + NV - 1;  // odd offsets 1, 3, .., K - 2 + 2 (NV - 1)
+  __m512 acc[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = bias;
+  for (int ii = 0; ii < K + ROWS - 1; ++ii) {
+    const float* in = P + ((h + ii) * Wp + w0) * CB;
+    __m512 E[NE], O[NO > 0 ? NO : 1];
+    for (int m = 0; m < NE; ++m) E[m] = _mm512_loadu_ps(in + 2 * m * CB);
+    for (int m = 0; m < NO; ++m) O[m] = _mm512_loadu_ps(in + (2 * m + 1) * CB);
+    for (int r = 0; r < ROWS; ++r) {
+      const int i = ii - r;
+      if (i < 0 || i >= K) continue;
+      const float* wrow = wt + i * K * CB;
+      for (int j = 0; j < K; ++j) {
+        const __m512 wv = dup8(wrow + j * CB);
+        for (int q = 0; q < NV; ++q)
+          acc[r][q] = _mm512_fmadd_ps((j % 2 == 0) ? E[j / 2 + q] : O[j / 2 + q], wv, acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < NV; ++q) {
+      float* o = out + ((h + r) * out_rs + w0 + 2 * q) * CB;
+      if (2 * q + 2 <= nw) {
+        _mm512_storeu_ps(o, acc[r][q]);
+      } else if (2 * q < nw) {
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(0x00ff), acc[r][q]);
+      }
+    }
+}
+
 template <int K>
 void conv_tile_k(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
   const __m512 b = dup8(bias);
   int64_t h = 0;
+  if constexpr (K > 0) {
+    for (; h + 2 <= g.H; h += 2)
+      for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
+        conv_block_rows<K, 2>(P, g.Wp, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
+    if (h < g.H)
+      for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
+        conv_block_rows<K, 1>(P, g.Wp, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
+    return;
+  }
   for (; h + 2 <= g.H; h += 2)
     for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
       conv_block<K, 2>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
