@@ -232,6 +232,21 @@ inline __m512 dup8(const float* p) {  // the CB floats at p, in both halves
   return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
 }
 
+// Stores a register block's ROWS x NV vectors (2 pixels each), only the nw pixels inside W.
+template <int ROWS>
+inline void store_block(const __m512 (&acc)[ROWS][NV], float* out, int64_t out_rs, int64_t h, int64_t w0,
+                        int64_t nw) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < NV; ++q) {
+      float* o = out + ((h + r) * out_rs + w0 + 2 * q) * CB;
+      if (2 * q + 2 <= nw) {
+        _mm512_storeu_ps(o, acc[r][q]);
+      } else if (2 * q < nw) {
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(0x00ff), acc[r][q]);
+      }
+    }
+}
+
 template <int K, int ROWS>
 inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, __m512 bias, int64_t h,
                        int64_t w0, float* out, int64_t out_rs, int64_t nw) {
@@ -249,15 +264,7 @@ inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, _
       }
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int q = 0; q < NV; ++q) {
-      float* o = out + ((h + r) * out_rs + w0 + 2 * q) * CB;
-      if (2 * q + 2 <= nw) {
-        _mm512_storeu_ps(o, acc[r][q]);
-      } else if (2 * q < nw) {
-        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(0x00ff), acc[r][q]);
-      }
-    }
+  store_block<ROWS>(acc, out, out_rs, h, w0, nw);
 }
 
 // K > 0: the same sums, one padded input row at a time. A row's vectors at the even pixel
@@ -289,15 +296,7 @@ inline void conv_block_rows(const float* P, int64_t Wp, const float* wt, __m512 
       }
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int q = 0; q < NV; ++q) {
-      float* o = out + ((h + r) * out_rs + w0 + 2 * q) * CB;
-      if (2 * q + 2 <= nw) {
-        _mm512_storeu_ps(o, acc[r][q]);
-      } else if (2 * q < nw) {
-        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(0x00ff), acc[r][q]);
-      }
-    }
+  store_block<ROWS>(acc, out, out_rs, h, w0, nw);
 }
 
 template <int K>
