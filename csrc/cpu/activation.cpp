@@ -758,6 +758,9 @@ CMK_INLINE void gelu_fast16(__m512 z, __m512& a, __m512& d) {
 template <bool kDeriv>
 void run_gelu(const float* z, float* a, float* d, int64_t n) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  auto fast_lanes = [&](__m512 zv) {
+    return _mm512_cmp_ps_mask(and_ps(zv, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
+  };
   // One vector: the fast path, or all 16 lanes through the AVX2 code if any is out of range.
   auto one = [&](int64_t i, __m512 zv, __mmask16 fast) {
     if (fast != 0xffff) {
@@ -774,8 +777,7 @@ void run_gelu(const float* z, float* a, float* d, int64_t n) {
   // polynomial chains (latency-bound one at a time) interleave. Same bits either way.
   for (; i + 32 <= n; i += 32) {
     const __m512 z0 = _mm512_loadu_ps(z + i), z1 = _mm512_loadu_ps(z + i + 16);
-    const __mmask16 f0 = _mm512_cmp_ps_mask(and_ps(z0, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
-    const __mmask16 f1 = _mm512_cmp_ps_mask(and_ps(z1, absmask), set1(kGeluFastMax), _CMP_LE_OQ);
+    const __mmask16 f0 = fast_lanes(z0), f1 = fast_lanes(z1);
     if ((f0 & f1) != 0xffff) {
       one(i, z0, f0);
       one(i + 16, z1, f1);
@@ -793,7 +795,7 @@ void run_gelu(const float* z, float* a, float* d, int64_t n) {
   }
   for (; i + 16 <= n; i += 16) {
     const __m512 zv = _mm512_loadu_ps(z + i);
-    one(i, zv, _mm512_cmp_ps_mask(and_ps(zv, absmask), set1(kGeluFastMax), _CMP_LE_OQ));
+    one(i, zv, fast_lanes(zv));
   }
   if (i < n) ::convmixer_kernels::cpu::run_gelu<kDeriv>(z + i, a + i, kDeriv ? d + i : nullptr, n - i);
 }

@@ -247,31 +247,11 @@ inline void store_block(const __m512 (&acc)[ROWS][NV], float* out, int64_t out_r
     }
 }
 
-template <int K, int ROWS>
-inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, __m512 bias, int64_t h,
-                       int64_t w0, float* out, int64_t out_rs, int64_t nw) {
-  const int64_t kk = K > 0 ? K : k;
-  __m512 acc[ROWS][NV];
-  for (int r = 0; r < ROWS; ++r)
-    for (int q = 0; q < NV; ++q) acc[r][q] = bias;
-  for (int64_t i = 0; i < kk; ++i) {
-    const float* wrow = wt + i * kk * CB;
-    for (int64_t j = 0; j < kk; ++j) {
-      const __m512 wv = dup8(wrow + j * CB);
-      for (int r = 0; r < ROWS; ++r) {
-        const float* in = P + ((h + r + i) * Wp + w0 + j) * CB;
-        for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(in + q * 2 * CB), wv, acc[r][q]);
-      }
-    }
-  }
-  store_block<ROWS>(acc, out, out_rs, h, w0, nw);
-}
-
-// K > 0: the same sums, one padded input row at a time. A row's vectors at the even pixel
-// offsets (aligned) and the odd ones are loaded once and serve every tap j and every output
-// row r of the block (tap row i = row - r), instead of one load per (tap, pixel) with half
-// of them splitting cache lines. Each accumulator still gets its taps in (i, j) order: the
-// same bits as the loop above.
+// The same sums for a compile-time K, one padded input row at a time. A row's vectors at
+// the even pixel offsets (aligned) and the odd ones are loaded once and serve every tap j and
+// every output row r of the block (tap row i = row - r), instead of one load per (tap,
+// pixel) with half of them splitting cache lines. Each accumulator still gets its taps in (i, j) order: the
+// same bits as conv_block's run-time loop.
 template <int K, int ROWS>
 inline void conv_block_rows(const float* P, int64_t Wp, const float* wt, __m512 bias, int64_t h,
                             int64_t w0, float* out, int64_t out_rs, int64_t nw) {
@@ -299,19 +279,36 @@ inline void conv_block_rows(const float* P, int64_t Wp, const float* wt, __m512 
   store_block<ROWS>(acc, out, out_rs, h, w0, nw);
 }
 
+// Register block of ROWS rows x NV vectors: conv_block_rows for K > 0, else a run-time
+// loop over the k x k taps (one load per tap and pixel pair).
+template <int K, int ROWS>
+inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, __m512 bias, int64_t h,
+                       int64_t w0, float* out, int64_t out_rs, int64_t nw) {
+  if constexpr (K > 0) {
+    conv_block_rows<K, ROWS>(P, Wp, wt, bias, h, w0, out, out_rs, nw);
+  } else {
+    __m512 acc[ROWS][NV];
+    for (int r = 0; r < ROWS; ++r)
+      for (int q = 0; q < NV; ++q) acc[r][q] = bias;
+    for (int64_t i = 0; i < k; ++i) {
+      const float* wrow = wt + i * k * CB;
+      for (int64_t j = 0; j < k; ++j) {
+        const __m512 wv = dup8(wrow + j * CB);
+        for (int r = 0; r < ROWS; ++r) {
+          const float* in = P + ((h + r + i) * Wp + w0 + j) * CB;
+          for (int q = 0; q < NV; ++q)
+            acc[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(in + q * 2 * CB), wv, acc[r][q]);
+        }
+      }
+    }
+    store_block<ROWS>(acc, out, out_rs, h, w0, nw);
+  }
+}
+
 template <int K>
 void conv_tile_k(const float* P, const Plane& g, const float* wt, const float* bias, float* out, int64_t out_rs) {
   const __m512 b = dup8(bias);
   int64_t h = 0;
-  if constexpr (K > 0) {
-    for (; h + 2 <= g.H; h += 2)
-      for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
-        conv_block_rows<K, 2>(P, g.Wp, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
-    if (h < g.H)
-      for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
-        conv_block_rows<K, 1>(P, g.Wp, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
-    return;
-  }
   for (; h + 2 <= g.H; h += 2)
     for (int64_t w0 = 0; w0 < g.W; w0 += PX512)
       conv_block<K, 2>(P, g.Wp, g.k, wt, b, h, w0, out, out_rs, std::min(PX512, g.W - w0));
