@@ -14,7 +14,11 @@
 // neighbouring pixels (2 rows x 8 pixels per register block); the conv gives the same bits
 // as the AVX2 code, the weight gradient sums pixel pairs first (same to rounding).
 // Training forward keeps act(z) of every tile in a float32 buffer (one activation's size,
-// tile order) between the statistics pass and the normalise pass.
+// tile order) between the statistics pass and the normalise pass. The backward runs in
+// channel-group order where there are enough channels (group_subs()): a thread takes a
+// group of channels through all N images and keeps their act(z), act'(z) and dy in its own
+// buffers between the statistics step and the gradient step (z, dy and the activation once
+// per element); otherwise in image order, two passes that each load z and dy.
 // Results go back through the same layout-aware tile writer. Statistics and weight
 // gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
 // not depend on the number of threads (deterministic for a given input).
@@ -27,6 +31,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "activation.h"
@@ -86,6 +91,19 @@ inline int64_t tile_subs(int64_t N, int64_t C, int64_t plane_floats, bool interl
   while (ns > 1 && (N * ((blocks + ns - 1) / ns) < want || ns * plane_floats > kTileFloats)) ns /= 2;
   return ns;
 }
+// Sub-blocks per channel group of the backward's channel-group order (backward_impl), or 0
+// where the image order runs instead: there must be at least 2 groups per thread, and a
+// group's buffers for all N images (N * HW * CB float32 per sub-block and buffer) must fit
+// kGroupFloats. channels_last inputs take up to kMaxSubs sub-blocks (whole cache lines per
+// pixel, as tile_subs()).
+inline int64_t group_subs(int64_t N, int64_t C, int64_t HW, bool interleaved) {
+  constexpr int64_t kGroupFloats = int64_t(1) << 20;  // 4 MiB per buffer
+  const int64_t blocks = (C + CB - 1) / CB, want = 2 * static_cast<int64_t>(at::get_num_threads());
+  for (int64_t ns = interleaved ? kMaxSubs : 1; ns >= 1; ns /= 2)
+    if (ns * CB * N * HW <= kGroupFloats && (blocks + ns - 1) / ns >= want) return ns;
+  return 0;
+}
+
 struct Tile {
   int64_t n, c0, cb;
   int64_t subs() const { return (cb + CB - 1) / CB; }
@@ -422,6 +440,16 @@ struct Affine {
   std::vector<float> scale, shift, invstd, gamma, mean;
 };
 
+// Channel c's entries from its mean, variance, BN weight (gamma) and bias (beta).
+inline void set_affine(Affine& a, int64_t c, float mean, float var, float gamma, float beta, double eps) {
+  const float invstd = 1.0f / std::sqrt(var + static_cast<float>(eps));
+  a.invstd[c] = invstd;
+  a.gamma[c] = gamma;
+  a.mean[c] = mean;
+  a.scale[c] = invstd * gamma;
+  a.shift[c] = beta - mean * invstd * gamma;
+}
+
 Affine make_affine(const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& bn_w,
                    const c10::optional<at::Tensor>& bn_b, double eps, int64_t padded) {
   const int64_t C = mean.numel();
@@ -436,16 +464,9 @@ Affine make_affine(const at::Tensor& mean, const at::Tensor& var, const c10::opt
   const float* v = vf.data_ptr<float>();
   at::Tensor wf = bn_w.has_value() ? bn_w->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bf = bn_b.has_value() ? bn_b->to(at::kFloat).contiguous() : at::Tensor();
-  for (int64_t c = 0; c < C; ++c) {
-    const float invstd = 1.0f / std::sqrt(v[c] + static_cast<float>(eps));
-    const float gamma = wf.defined() ? wf.data_ptr<float>()[c] : 1.0f;
-    const float beta = bf.defined() ? bf.data_ptr<float>()[c] : 0.0f;
-    a.invstd[c] = invstd;
-    a.gamma[c] = gamma;
-    a.mean[c] = m[c];
-    a.scale[c] = invstd * gamma;
-    a.shift[c] = beta - m[c] * invstd * gamma;
-  }
+  for (int64_t c = 0; c < C; ++c)
+    set_affine(a, c, m[c], v[c], wf.defined() ? wf.data_ptr<float>()[c] : 1.0f,
+               bf.defined() ? bf.data_ptr<float>()[c] : 0.0f, eps);
   return a;
 }
 
@@ -495,24 +516,19 @@ at::MemoryFormat output_format(const at::Tensor& x) {
                                                                                : at::MemoryFormat::Contiguous;
 }
 
-// Per-(n, c) mean and M2 combined over n in a fixed order (Chan et al.): batch mean and
-// biased variance per channel.
-void finalize_stats(const std::vector<double>& pmean, const std::vector<double>& pm2, int64_t N, int64_t C,
-                    int64_t count, at::Tensor& mean, at::Tensor& var) {
-  float* m = mean.data_ptr<float>();
-  float* v = var.data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    double mu = 0.0, M2 = 0.0, n_acc = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const double nb = static_cast<double>(count), mb = pmean[n * C + c], m2b = pm2[n * C + c];
-      const double tot = n_acc + nb, delta = mb - mu;
-      mu += delta * nb / tot;
-      M2 += m2b + delta * delta * n_acc * nb / tot;
-      n_acc = tot;
-    }
-    m[c] = static_cast<float>(mu);
-    v[c] = static_cast<float>(M2 / n_acc);
+// Batch mean and biased variance of channel c from its per-(n, c) means and M2s (entry
+// n * stride + c, planes of `count` pixels), combined over n in a fixed order (Chan et al.).
+inline std::pair<float, float> channel_stats(const double* pmean, const double* pm2, int64_t N, int64_t stride,
+                                             int64_t c, int64_t count) {
+  double mu = 0.0, M2 = 0.0, n_acc = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    const double nb = static_cast<double>(count), mb = pmean[n * stride + c], m2b = pm2[n * stride + c];
+    const double tot = n_acc + nb, delta = mb - mu;
+    mu += delta * nb / tot;
+    M2 += m2b + delta * delta * n_acc * nb / tot;
+    n_acc = tot;
   }
+  return {static_cast<float>(mu), static_cast<float>(M2 / n_acc)};
 }
 
 // Scratch buffers of one thread, allocated (and zeroed) once per parallel chunk: padded
@@ -578,13 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor preact = save_preact ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
-  // Training keeps act(z) of every tile, in float32 and tile order (contiguous, read once
-  // more in pass 2), until the statistics are known: pass 2 neither re-reads z through the
-  // layout-aware reader nor evaluates the activation again.
   const int64_t blocks = Cpad / CB, HWC = HW * CB, gs = g.sub(), zs = g.zsub();
-  at::Tensor acache = use_batch_stats ? at::empty({N * blocks * HW * CB}, x.options().dtype(at::kFloat))
-                                      : at::empty({0}, x.options().dtype(at::kFloat));
-  float* const acp = acache.data_ptr<float>();
   const Strides4 sx(x), so(out), sz(save_preact ? preact : out);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const float* wp = wpack.data_ptr<float>();
@@ -596,63 +606,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   std::vector<double> pmean(N * Cpad), pm2(N * Cpad);
 
-  // y = x + act(z) * scale + shift over a tile (x read from the padded input buffer).
-  auto residual_affine = [&](const float* P, const float* a, float* y, int64_t c0) {
-    const float* sc = aff.scale.data() + c0;
-    const float* sh = aff.shift.data() + c0;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) {
-        const float* xin = P + g.interior() + (h * g.Wp + w) * CB;
-        const int64_t o = (h * W + w) * CB;
-#pragma omp simd
-        for (int64_t cc = 0; cc < CB; ++cc) y[o + cc] = xin[cc] + a[o + cc] * sc[cc] + sh[cc];
-      }
-  };
-
-  // Pass 1: conv; eval writes out directly, training act(z) to the cache and per-plane statistics.
-  for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-    float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data();
+  // Reads the tile (padded, into P), and leaves act(z) of its sub-block j at A + j * as
+  // (z also to preact when saved).
+  auto conv_act = [&](const Tile& t, int64_t b, Workspace& ws, float* A, int64_t as) {
+    float *P = ws.P.data(), *Z = ws.Z.data();
     const int64_t nj = t.subs();
     read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
     for (int64_t j = 0; j < nj; ++j)
       conv_tile(P + j * gs, g, wp + (b + j) * kk * CB, bpack.data() + t.c0 + j * CB, Z + j * zs, W);
     for (int64_t j = 0; j < nj; ++j) round_tile<scalar_t>(Z + j * zs, HWC);
     if (save_preact) write_tile(preact.data_ptr<scalar_t>(), sz, t, H, W, Z, W, zs);
-    // act(z): the training cache has the sub-blocks back to back, the workspace at zs
-    const int64_t as = use_batch_stats ? HWC : zs;
-    if (use_batch_stats) A = acp + (t.n * blocks + b) * HWC;
     for (int64_t j = 0; j < nj; ++j) act_forward(act, Z + j * zs, A + j * as, HWC);
-    if (use_batch_stats) {
-      for (int64_t j = 0; j < nj; ++j) {
-        double m[CB], q[CB];
-        tile_moments(A + j * as, HW, m, q);
-        for (int64_t cc = 0; cc < t.sub_channels(j); ++cc) {
-          pmean[t.n * Cpad + t.c0 + j * CB + cc] = m[cc];
-          pm2[t.n * Cpad + t.c0 + j * CB + cc] = q[cc];
-        }
+  };
+  // Per-(n, c) plane statistics of act(z) (sub-block j at A + j * as) into pmean / pm2.
+  auto plane_moments = [&](const Tile& t, const float* A, int64_t as) {
+    for (int64_t j = 0; j < t.subs(); ++j) {
+      double m[CB], q[CB];
+      tile_moments(A + j * as, HW, m, q);
+      for (int64_t cc = 0; cc < t.sub_channels(j); ++cc) {
+        pmean[t.n * Cpad + t.c0 + j * CB + cc] = m[cc];
+        pm2[t.n * Cpad + t.c0 + j * CB + cc] = q[cc];
       }
-      return;
     }
-    for (int64_t j = 0; j < nj; ++j) residual_affine(P + j * gs, A + j * as, ws.OUT.data() + j * zs, t.c0 + j * CB);
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
-  });
-  if (!use_batch_stats) return {out, mean, var, preact};
+  };
+  // out = x + act(z) * scale + shift over the tile (act(z) of sub-block j at A + j * as; x
+  // read again unless P still holds it).
+  auto normalise = [&](const Tile& t, Workspace& ws, const float* A, int64_t as, bool reread) {
+    float *P = ws.P.data(), *OUT = ws.OUT.data();
+    if (reread) read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
+    for (int64_t j = 0; j < t.subs(); ++j) {
+      const int64_t c0 = t.c0 + j * CB;
+      const float* sc = aff.scale.data() + c0;
+      const float* sh = aff.shift.data() + c0;
+      const float *Pj = P + j * gs + g.interior(), *Aj = A + j * as;
+      float* Yj = OUT + j * zs;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const float* xin = Pj + (h * g.Wp + w) * CB;
+          const int64_t o = (h * W + w) * CB;
+#pragma omp simd
+          for (int64_t cc = 0; cc < CB; ++cc) Yj[o + cc] = xin[cc] + Aj[o + cc] * sc[cc] + sh[cc];
+        }
+    }
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, OUT, W, zs);
+  };
 
-  std::vector<double> cm(N * C), cq(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      cm[n * C + c] = pmean[n * Cpad + c];
-      cq[n * C + c] = pm2[n * Cpad + c];
-    }
-  finalize_stats(cm, cq, N, C, HW, mean, var);
-  aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
-  // Pass 2: out = x + act(z) * scale + shift, act(z) from the cache.
+  if (!use_batch_stats) {  // eval: one pass
+    for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
+      conv_act(t, b, ws, ws.A.data(), zs);
+      normalise(t, ws, ws.A.data(), zs, false);
+    });
+    return {out, mean, var, preact};
+  }
+
+  // Training: the normalisation needs every image's statistics, so act(z) of every tile is
+  // kept in float32 (tile order, contiguous) between the statistics pass and the normalise
+  // pass (act is not evaluated twice, z not read through the layout-aware reader again).
+  float* const mp = mean.data_ptr<float>();
+  float* const vp = var.data_ptr<float>();
+  at::Tensor acache = at::empty({N * blocks * HWC}, x.options().dtype(at::kFloat));
+  float* const acp = acache.data_ptr<float>();
   for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-    float* P = ws.P.data();
-    read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
-    for (int64_t j = 0; j < t.subs(); ++j)
-      residual_affine(P + j * gs, acp + (t.n * blocks + b + j) * HWC, ws.OUT.data() + j * zs, t.c0 + j * CB);
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
+    float* A = acp + (t.n * blocks + b) * HWC;
+    conv_act(t, b, ws, A, HWC);
+    plane_moments(t, A, HWC);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const auto [m, v] = channel_stats(pmean.data(), pm2.data(), N, Cpad, c, HW);
+    mp[c] = m;
+    vp[c] = v;
+  }
+  aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
+  for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
+    normalise(t, ws, acp + (t.n * blocks + b) * HWC, HWC, true);
   });
   return {out, mean, var, preact};
 }
@@ -691,19 +717,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t j = 0; j < t.subs(); ++j) round_tile<scalar_t>(Z + j * zs, HWC);
   };
 
-  // Pass 1: per-(n, c) sums of dy and dy * xhat.
+  // Per-(n, c) sums of dy and dy * xhat over the tile (act(z) of sub-block j at A + j * zs,
+  // dy at DY + j * zs).
   std::vector<double> psum_dy(N * Cpad), psum_dyx(N * Cpad);
-  for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-    float *P = ws.P.data(), *Z = ws.Z.data(), *DY = ws.DY.data();
-    const int64_t nj = t.subs();
-    load_xz(t, b, P, Z, false);
-    read_tile(gp, sg, t, H, W, DY, W, zs);
-    for (int64_t j = 0; j < nj; ++j) act_forward(act, Z + j * zs, Z + j * zs, HWC);
-    for (int64_t j = 0; j < nj; ++j) {
+  auto plane_sums = [&](const Tile& t, const float* A, const float* DY) {
+    for (int64_t j = 0; j < t.subs(); ++j) {
       const int64_t c0 = t.c0 + j * CB;
       const float* mu = aff.mean.data() + c0;
       const float* is = aff.invstd.data() + c0;
-      const float *dyj = DY + j * zs, *aj = Z + j * zs;
+      const float *dyj = DY + j * zs, *aj = A + j * zs;
       double s[CB] = {0.0}, sx2[CB] = {0.0};
       for (int64_t i = 0; i < HW; ++i)
 #pragma omp simd
@@ -717,65 +739,113 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         psum_dyx[t.n * Cpad + c0 + cc] = sx2[cc];
       }
     }
-  });
+  };
+  // Channel c's sums over n (in order) and the per-channel factors of dz.
   std::vector<double> sum_dy(Cpad, 0.0), sum_dyx(Cpad, 0.0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < Cpad; ++c) {
+  const double count = static_cast<double>(N * HW);
+  std::vector<float> mdy(Cpad, 0.f), mdyx(Cpad, 0.f), s1(Cpad, 0.f);
+  auto channel_sums = [&](int64_t c) {
+    for (int64_t n = 0; n < N; ++n) {
       sum_dy[c] += psum_dy[n * Cpad + c];
       sum_dyx[c] += psum_dyx[n * Cpad + c];
     }
-
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
-  std::vector<double> pdw(need_dw ? N * Cpad * kk : 0, 0.0), pdb(N * Cpad, 0.0);
-  const double count = static_cast<double>(N * HW);
-  std::vector<float> mdy(Cpad, 0.f), mdyx(Cpad, 0.f), s1(Cpad, 0.f);
-  for (int64_t c = 0; c < Cpad; ++c) {
     if (use_batch_stats) {
       mdy[c] = static_cast<float>(sum_dy[c] / count);
       mdyx[c] = static_cast<float>(sum_dyx[c] / count);
     }
     s1[c] = aff.gamma[c] * aff.invstd[c];
-  }
-  if (need_dx || need_dw || need_db) {
-    const Strides4 sdx(need_dx ? dx : x);
-    for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-      float *P = ws.P.data(), *Z = ws.Z.data(), *A = ws.A.data(), *D = ws.D.data(), *DY = ws.DY.data(),
-            *DZ = ws.DZ.data(), *OUT = ws.OUT.data();
-      const int64_t nj = t.subs();
-      load_xz(t, b, P, Z, need_dw);
-      read_tile(gp, sg, t, H, W, DY, W, zs);
-      for (int64_t j = 0; j < nj; ++j) act_forward_deriv(act, Z + j * zs, A + j * zs, D + j * zs, HWC);
-      for (int64_t j = 0; j < nj; ++j) {
-        const int64_t c0 = t.c0 + j * CB;
-        const float *mu = aff.mean.data() + c0, *is = aff.invstd.data() + c0, *sc = s1.data() + c0,
-                    *m1 = mdy.data() + c0, *m2 = mdyx.data() + c0;
-        const float *Aj = A + j * zs, *DYj = DY + j * zs;
-        float *Dj = D + j * zs, *DZj = DZ + j * gs;
-        // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-        double db[CB] = {0.0};
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t i = (h * W + w) * CB;
-            float* dzp = DZj + g.interior() + (h * g.Wp + w) * CB;
+  };
+
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  std::vector<double> pdw(need_dw ? N * Cpad * kk : 0, 0.0), pdb(N * Cpad, 0.0);
+  const Strides4 sdx(need_dx ? dx : x);
+  // dz = act'(z) * gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) over the tile
+  // (sub-block j's act(z), act'(z) and dy at A, D, DY + j * zs; D is overwritten with dz),
+  // then the bias and weight gradient partial sums and dx = conv(dz, flipped w) + dy. P holds
+  // the padded x where the weight gradient is needed.
+  auto grad_tile = [&](const Tile& t, int64_t b, Workspace& ws, const float* A, float* D, const float* DY) {
+    float *P = ws.P.data(), *DZ = ws.DZ.data(), *OUT = ws.OUT.data();
+    const int64_t nj = t.subs();
+    for (int64_t j = 0; j < nj; ++j) {
+      const int64_t c0 = t.c0 + j * CB;
+      const float *mu = aff.mean.data() + c0, *is = aff.invstd.data() + c0, *sc = s1.data() + c0,
+                  *m1 = mdy.data() + c0, *m2 = mdyx.data() + c0;
+      const float *Aj = A + j * zs, *DYj = DY + j * zs;
+      float *Dj = D + j * zs, *DZj = DZ + j * gs;
+      double db[CB] = {0.0};
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t i = (h * W + w) * CB;
+          float* dzp = DZj + g.interior() + (h * g.Wp + w) * CB;
 #pragma omp simd
-            for (int64_t cc = 0; cc < CB; ++cc) {
-              const float xhat = (Aj[i + cc] - mu[cc]) * is[cc];
-              const float dz = Dj[i + cc] * sc[cc] * (DYj[i + cc] - m1[cc] - xhat * m2[cc]);
-              Dj[i + cc] = dz;
-              dzp[cc] = dz;
-              db[cc] += dz;
-            }
+          for (int64_t cc = 0; cc < CB; ++cc) {
+            const float xhat = (Aj[i + cc] - mu[cc]) * is[cc];
+            const float dz = Dj[i + cc] * sc[cc] * (DYj[i + cc] - m1[cc] - xhat * m2[cc]);
+            Dj[i + cc] = dz;
+            dzp[cc] = dz;
+            db[cc] += dz;
           }
-        for (int64_t cc = 0; cc < CB; ++cc) pdb[t.n * Cpad + c0 + cc] = db[cc];
-        if (need_dw) wgrad_tile(P + j * gs, g, Dj, pdw.data() + (t.n * blocks + b + j) * kk * CB);
-        if (need_dx) conv_tile(DZj, g, wflip.data_ptr<float>() + (b + j) * kk * CB, zeros.data(), OUT + j * zs, W);
-      }
-      if (need_dx) {
-        for (int64_t j = 0; j < nj; ++j)
-          for (int64_t i = 0; i < HWC; ++i) OUT[j * zs + i] += DY[j * zs + i];
-        write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W, zs);
+        }
+      for (int64_t cc = 0; cc < CB; ++cc) pdb[t.n * Cpad + c0 + cc] = db[cc];
+      if (need_dw) wgrad_tile(P + j * gs, g, Dj, pdw.data() + (t.n * blocks + b + j) * kk * CB);
+      if (need_dx) conv_tile(DZj, g, wflip.data_ptr<float>() + (b + j) * kk * CB, zeros.data(), OUT + j * zs, W);
+    }
+    if (need_dx) {
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t i = 0; i < HWC; ++i) OUT[j * zs + i] += DY[j * zs + i];
+      write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W, zs);
+    }
+  };
+  const bool grads = need_dx || need_dw || need_db;
+
+  const int64_t gns = group_subs(N, C, HW, sx.c == 1);
+  if (gns > 0) {
+    // Channel-group order: a thread takes a group of channels through all N images, keeping
+    // their act(z), act'(z) and dy in its own buffers between the two steps, so that z is
+    // read (or recomputed), dy read and the activation evaluated once per element instead of
+    // twice. The arithmetic per plane and per channel is the image order's: the same bits.
+    const int64_t tc = gns * CB, groups = (C + tc - 1) / tc, per_n = gns * zs;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      Workspace ws(g, true, gns);
+      std::vector<float> GA(N * per_n), GD(N * per_n), GDY(N * per_n);
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t c0 = gi * tc, cb = std::min(tc, C - c0), b = c0 / CB;
+        for (int64_t n = 0; n < N; ++n) {
+          const Tile t{n, c0, cb};
+          float *A = GA.data() + n * per_n, *D = GD.data() + n * per_n, *DY = GDY.data() + n * per_n;
+          load_xz(t, b, ws.P.data(), ws.Z.data(), false);
+          read_tile(gp, sg, t, H, W, DY, W, zs);
+          for (int64_t j = 0; j < t.subs(); ++j) act_forward_deriv(act, ws.Z.data() + j * zs, A + j * zs, D + j * zs, HWC);
+          plane_sums(t, A, DY);
+        }
+        for (int64_t c = c0; c < std::min(c0 + tc, Cpad); ++c) channel_sums(c);
+        if (!grads) continue;
+        for (int64_t n = 0; n < N; ++n) {
+          const Tile t{n, c0, cb};
+          if (need_dw) read_tile(xp, sx, t, H, W, ws.P.data() + g.interior(), g.Wp, gs);
+          grad_tile(t, b, ws, GA.data() + n * per_n, GD.data() + n * per_n, GDY.data() + n * per_n);
+        }
       }
     });
+  } else {
+    // Image order (too few channel groups to share among the threads, or large planes): pass 1
+    // the sums, pass 2 the gradients, each loading z and dy and evaluating the activation.
+    for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
+      float *Z = ws.Z.data(), *DY = ws.DY.data();
+      load_xz(t, b, ws.P.data(), Z, false);
+      read_tile(gp, sg, t, H, W, DY, W, zs);
+      for (int64_t j = 0; j < t.subs(); ++j) act_forward(act, Z + j * zs, Z + j * zs, HWC);
+      plane_sums(t, Z, DY);
+    });
+    for (int64_t c = 0; c < Cpad; ++c) channel_sums(c);
+    if (grads)
+      for_each_tile(N, C, g, true, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
+        float *A = ws.A.data(), *D = ws.D.data(), *DY = ws.DY.data();
+        load_xz(t, b, ws.P.data(), ws.Z.data(), need_dw);
+        read_tile(gp, sg, t, H, W, DY, W, zs);
+        for (int64_t j = 0; j < t.subs(); ++j) act_forward_deriv(act, ws.Z.data() + j * zs, A + j * zs, D + j * zs, HWC);
+        grad_tile(t, b, ws, A, D, DY);
+      });
   }
 
   auto empty = [&]() { return at::empty({0}, x.options()); };
