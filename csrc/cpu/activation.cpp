@@ -663,7 +663,8 @@ void run_gelu(const float* z, float* a, float* d, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // AVX-512 (16 lanes) version of the GELU fast path, compiled for avx512f in this region
 // only and used when the CPU has it (run-time check, act_isa() below). The operations are
-// those of gelu_fast8 in the same order, so both give the same bits; vectors with a lane
+// those of gelu_fast8 in the same order (the sign step with lane masks, which rounds the
+// same), so both give the same bits; vectors with a lane
 // out of the fast range, and the last n % 16 elements, go through the AVX2 run_gelu.
 #define CMK_HAVE_AVX512_PATH 1
 #pragma GCC push_options
@@ -690,9 +691,13 @@ CMK_INLINE __m512 join(__m256 lo, __m256 hi) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_zextpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
 
+// One half (8 lanes) of the double part. The sign handling of gelu_fast8 (a = sgn sp + base_a,
+// d = sgn xe + base_d with sgn = +-1, base 0 or s / 1) is done with lane masks here: for
+// z < 0 a = sp and d = xe, else a = s - sp and d = 1 - xe, each rounded once as the FMA
+// does (sp > 0 and xe is never -0 there), so the same bits without converting sgn and bases.
 template <bool kDeriv>
-CMK_INLINE void gelu_fast_half(__m256 s8, __m256 rh8, __m256 tail8, __m256 scale8, __m256 sgn8, __m256 base_a8,
-                               __m256 base_d8, __m256& a8, __m256& d8) {
+CMK_INLINE void gelu_fast_half(__m256 s8, __m256 rh8, __m256 tail8, __m256 scale8, __mmask8 neg, __m256& a8,
+                               __m256& d8) {
   const __m512d scale = _mm512_cvtps_pd(scale8);
   const __m512d e = _mm512_fmadd_pd(_mm512_add_pd(_mm512_cvtps_pd(rh8), _mm512_cvtps_pd(tail8)), scale, scale);
   const __m512d sd = _mm512_cvtps_pd(s8);
@@ -712,12 +717,11 @@ CMK_INLINE void gelu_fast_half(__m256 s8, __m256 rh8, __m256 tail8, __m256 scale
   r = _mm512_fmadd_pd(r, v, set1d(kR2));
   r = _mm512_fmadd_pd(r, v, set1d(kR1));
   r = _mm512_fmadd_pd(r, v, set1d(kR0));
-  const __m512d sgn = _mm512_cvtps_pd(sgn8);
   const __m512d sp = _mm512_mul_pd(sd, _mm512_mul_pd(r, e));
-  a8 = _mm512_cvtpd_ps(_mm512_fmadd_pd(sgn, sp, _mm512_cvtps_pd(base_a8)));
+  a8 = _mm512_cvtpd_ps(_mm512_mask_blend_pd(neg, _mm512_sub_pd(sd, sp), sp));
   if (kDeriv) {
     const __m512d xe = _mm512_mul_pd(_mm512_fmadd_pd(set1d(-kC), sd, r), e);
-    d8 = _mm512_cvtpd_ps(_mm512_fmadd_pd(sgn, xe, _mm512_cvtps_pd(base_d8)));
+    d8 = _mm512_cvtpd_ps(_mm512_mask_blend_pd(neg, _mm512_sub_pd(set1d(1.0), xe), xe));
   }
 }
 
@@ -744,12 +748,9 @@ CMK_INLINE void gelu_fast16(__m512 z, __m512& a, __m512& d) {
   const __m512 expm1_rh = _mm512_fmadd_ps(rh2, q, rh);
   const __m512 tail = _mm512_fmadd_ps(rh2, q, _mm512_fmadd_ps(rl, expm1_rh, rl));
   const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(127)), 23));
-  const __m512 sgn = _mm512_mask_blend_ps(neg, set1(-1.f), set1(1.f));
-  const __m512 base_a = _mm512_maskz_mov_ps(static_cast<__mmask16>(~neg), s);
-  const __m512 base_d = _mm512_maskz_mov_ps(static_cast<__mmask16>(~neg), set1(1.f));
   __m256 alo, ahi, dlo, dhi;
-  gelu_fast_half<kDeriv>(lo8(s), lo8(rh), lo8(tail), lo8(scale), lo8(sgn), lo8(base_a), lo8(base_d), alo, dlo);
-  gelu_fast_half<kDeriv>(hi8(s), hi8(rh), hi8(tail), hi8(scale), hi8(sgn), hi8(base_a), hi8(base_d), ahi, dhi);
+  gelu_fast_half<kDeriv>(lo8(s), lo8(rh), lo8(tail), lo8(scale), static_cast<__mmask8>(neg), alo, dlo);
+  gelu_fast_half<kDeriv>(hi8(s), hi8(rh), hi8(tail), hi8(scale), static_cast<__mmask8>(neg >> 8), ahi, dhi);
   a = or_ps(join(alo, ahi), _mm512_castsi512_ps(_mm512_andnot_epi32(_mm512_castps_si512(absmask),
                                                                       _mm512_castps_si512(z))));
   if (kDeriv) d = join(dlo, dhi);
