@@ -13,12 +13,13 @@
 // forces the AVX2 code) the conv and the weight gradient run on 16-float vectors holding 2
 // neighbouring pixels (2 rows x 8 pixels per register block); the conv gives the same bits
 // as the AVX2 code, the weight gradient sums pixel pairs first (same to rounding).
-// Training forward keeps act(z) of every tile in a float32 buffer (one activation's size,
-// tile order) between the statistics pass and the normalise pass. The backward runs in
-// channel-group order where there are enough channels (group_subs()): a thread takes a
-// group of channels through all N images and keeps their act(z), act'(z) and dy in its own
-// buffers between the statistics step and the gradient step (z, dy and the activation once
-// per element); otherwise in image order, two passes that each load z and dy.
+// Training forward and backward run in channel-group order where there are enough channels
+// (group_subs()): a thread takes a group of channels through all N images and keeps, in its
+// own buffers, act(z) (forward; in L2) or act(z), act'(z) and dy (backward) between the
+// statistics step and the normalise / gradient step, so z, dy and the activation are
+// loaded or evaluated once per element. Otherwise (few channels, large planes) image
+// order: training forward keeps act(z) of every tile in a float32 buffer of the
+// activation's size between two passes; the backward's two passes each load z and dy.
 // Results go back through the same layout-aware tile writer. Statistics and weight
 // gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
 // not depend on the number of threads (deterministic for a given input).
@@ -91,16 +92,15 @@ inline int64_t tile_subs(int64_t N, int64_t C, int64_t plane_floats, bool interl
   while (ns > 1 && (N * ((blocks + ns - 1) / ns) < want || ns * plane_floats > kTileFloats)) ns /= 2;
   return ns;
 }
-// Sub-blocks per channel group of the backward's channel-group order (backward_impl), or 0
+// Sub-blocks per channel group of a channel-group order (training forward and backward), or 0
 // where the image order runs instead: there must be at least 2 groups per thread, and a
-// group's buffers for all N images (N * HW * CB float32 per sub-block and buffer) must fit
-// kGroupFloats. channels_last inputs take up to kMaxSubs sub-blocks (whole cache lines per
-// pixel, as tile_subs()).
-inline int64_t group_subs(int64_t N, int64_t C, int64_t HW, bool interleaved) {
-  constexpr int64_t kGroupFloats = int64_t(1) << 20;  // 4 MiB per buffer
+// group's buffer for all N images (N * HW * CB float32 per sub-block) must fit budget_floats.
+// channels_last inputs take up to max_subs sub-blocks (whole cache lines per pixel), NCHW 1.
+inline int64_t group_subs(int64_t N, int64_t C, int64_t HW, bool interleaved, int64_t max_subs,
+                          int64_t budget_floats) {
   const int64_t blocks = (C + CB - 1) / CB, want = 2 * static_cast<int64_t>(at::get_num_threads());
-  for (int64_t ns = interleaved ? kMaxSubs : 1; ns >= 1; ns /= 2)
-    if (ns * CB * N * HW <= kGroupFloats && (blocks + ns - 1) / ns >= want) return ns;
+  for (int64_t ns = interleaved ? max_subs : 1; ns >= 1; ns /= 2)
+    if (ns * CB * N * HW <= budget_floats && (blocks + ns - 1) / ns >= want) return ns;
   return 0;
 }
 
@@ -711,11 +711,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     return {out, mean, var, preact};
   }
 
-  // Training: the normalisation needs every image's statistics, so act(z) of every tile is
-  // kept in float32 (tile order, contiguous) between the statistics pass and the normalise
-  // pass (act is not evaluated twice, z not read through the layout-aware reader again).
+  // Training: the normalisation needs every image's statistics, so act(z) is kept in float32
+  // between the statistics step and the normalise step (act is not evaluated twice, z not
+  // read through the layout-aware reader again).
   float* const mp = mean.data_ptr<float>();
   float* const vp = var.data_ptr<float>();
+  // Channel-group order where there are enough channels: a thread takes a group of channels
+  // (32 for channels_last: a pair of cache lines per pixel; 8 for NCHW) through all N
+  // images, act(z) into its own buffer of at most 1 MiB (in L2), then the group's statistics
+  // and affine, then the normalise step of each image from that buffer, instead of a round
+  // trip of act(z) through memory. The arithmetic per plane and per channel is the image
+  // order's below: the same bits.
+  const int64_t gns = group_subs(N, C, HW, sx.c == 1, 4, int64_t(1) << 18);
+  if (gns > 0) {
+    const int64_t tc = gns * CB, groups = (C + tc - 1) / tc;
+    const std::vector<float> gamma = bn_weight.has_value() ? pad_channels(bn_weight, C, Cpad)
+                                                           : std::vector<float>(Cpad, 1.f);
+    const std::vector<float> beta = pad_channels(bn_bias, C, Cpad);
+    for (auto* v : {&aff.scale, &aff.shift, &aff.invstd, &aff.gamma, &aff.mean}) v->assign(Cpad, 0.f);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      Workspace ws(g, false, gns);
+      std::vector<float> G(N * gns * HWC);  // act(z): image n, sub-block j at (n * gns + j) * HWC
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t c0 = gi * tc, cb = std::min(tc, C - c0);
+        for (int64_t n = 0; n < N; ++n) {
+          const Tile t{n, c0, cb};
+          conv_act(t, c0 / CB, ws, G.data() + n * gns * HWC, HWC);
+          plane_moments(t, G.data() + n * gns * HWC, HWC);
+        }
+        for (int64_t c = c0; c < c0 + cb; ++c) {
+          const auto [m, v] = channel_stats(pmean.data(), pm2.data(), N, Cpad, c, HW);
+          mp[c] = m;
+          vp[c] = v;
+          set_affine(aff, c, m, v, gamma[c], beta[c], eps);
+        }
+        for (int64_t n = 0; n < N; ++n) normalise(Tile{n, c0, cb}, ws, G.data() + n * gns * HWC, HWC, true);
+      }
+    });
+    return {out, mean, var, preact};
+  }
+  // Image order (few channels, or large planes): act(z) of every tile in a cache of the
+  // activation's size (tile order, contiguous) between two passes.
   at::Tensor acache = at::empty({N * blocks * HWC}, x.options().dtype(at::kFloat));
   float* const acp = acache.data_ptr<float>();
   for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
@@ -850,7 +886,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   };
   const bool grads = need_dx || need_dw || need_db;
 
-  const int64_t gns = group_subs(N, C, HW, sx.c == 1);
+  // Three buffers of up to 4 MiB per thread; channels_last groups of up to 64 channels.
+  const int64_t gns = group_subs(N, C, HW, sx.c == 1, kMaxSubs, int64_t(1) << 20);
   if (gns > 0) {
     // Channel-group order: a thread takes a group of channels through all N images, keeping
     // their act(z), act'(z) and dy in its own buffers between the two steps, so that z is
