@@ -345,34 +345,42 @@ void conv_tile(const float* P, const Plane& g, const float* wt, const float* bia
   }
 }
 
-// wgrad_taps (below) on 2 pixels per vector: dw(i, j) += sum_{h,w} D(h, w) P(h + i, w + j),
-// the two halves summed at the end (an odd last pixel with a masked FMA, so no 0 * inf).
+// acc[j] += D(w) P(w + j) for the pixel pairs from w on (prow: the padded input row at tap
+// offset 0, drow: the dy row); an odd last pixel with a masked FMA (no 0 * inf). P has at
+// least k - 1 padding pixels after W, so the full loads stay inside it.
 template <int J>
-void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64_t j0, double* dw) {
-  __m512 acc[J];
-  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < g.H; ++h) {
-    const float* prow = P + ((h + i) * g.Wp + j0) * CB;
-    const float* drow = D + h * g.W * CB;
-    int64_t w = 0;
-    for (; w + 2 <= g.W; w += 2) {
-      const __m512 d = _mm512_loadu_ps(drow + w * CB);
-      for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j]);
-    }
-    if (w < g.W) {  // P has at least k - 1 padding pixels after W: the full load stays inside
-      const __mmask16 lo = 0x00ff;
-      const __m512 d = _mm512_maskz_loadu_ps(lo, drow + w * CB);
-      for (int j = 0; j < J; ++j)
-        acc[j] = _mm512_mask3_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j], lo);
-    }
+inline void wgrad_pairs(const float* prow, const float* drow, int64_t w, int64_t W, __m512 (&acc)[J]) {
+  for (; w + 2 <= W; w += 2) {
+    const __m512 d = _mm512_loadu_ps(drow + w * CB);
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j]);
   }
+  if (w < W) {
+    const __mmask16 lo = 0x00ff;
+    const __m512 d = _mm512_maskz_loadu_ps(lo, drow + w * CB);
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_mask3_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j], lo);
+  }
+}
+
+// dw[j * CB + cc] += the two halves of acc[j] summed.
+template <int J>
+inline void wgrad_flush(const __m512 (&acc)[J], double* dw) {
   for (int j = 0; j < J; ++j) {
     float tmp[CB];
     const __m256 lo = _mm512_castps512_ps256(acc[j]);
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1));
     _mm256_storeu_ps(tmp, _mm256_add_ps(lo, hi));
-    for (int cc = 0; cc < CB; ++cc) dw[((i * g.k) + j0 + j) * CB + cc] += tmp[cc];
+    for (int cc = 0; cc < CB; ++cc) dw[j * CB + cc] += tmp[cc];
   }
+}
+
+// The AVX2 wgrad_taps (below) on 2 pixels per vector: dw(i, j) += sum_{h,w} D(h, w) P(h + i,
+// w + j) for taps j in [j0, j0 + J), the two halves summed at the end.
+template <int J>
+void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64_t j0, double* dw) {
+  __m512 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < g.H; ++h) wgrad_pairs<J>(P + ((h + i) * g.Wp + j0) * CB, D + h * g.W * CB, 0, g.W, acc);
+  wgrad_flush<J>(acc, dw + ((i * g.k) + j0) * CB);
 }
 
 // wgrad_taps<K> over all K taps of tap row i for a compile-time K, 4 pixel pairs (8 pixels)
@@ -382,9 +390,9 @@ void wgrad_taps(const float* P, const Plane& g, const float* D, int64_t i, int64
 // the same bits as wgrad_taps.
 template <int K>
 void wgrad_row(const float* P, const Plane& g, const float* D, int64_t i, double* dw) {
-  constexpr int M = 4;                       // pixel pairs per step
-  constexpr int NE = M + (K - 1) / 2;        // even offsets 0, 2, .., 2 (NE - 1)
-  constexpr int NO = M + (K - 1) / 2 - 1;    // odd offsets 1, 3, .., 2 NO - 1
+  constexpr int M = 4;                     // pixel pairs per step
+  constexpr int NE = M + (K - 1) / 2;      // even offsets 0, 2, .., 2 (NE - 1)
+  constexpr int NO = M + (K - 1) / 2 - 1;  // odd offsets 1, 3, .., 2 NO - 1
   __m512 acc[K];
   for (int j = 0; j < K; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t h = 0; h < g.H; ++h) {
@@ -400,24 +408,9 @@ void wgrad_row(const float* P, const Plane& g, const float* D, int64_t i, double
         for (int j = 0; j < K; ++j)
           acc[j] = _mm512_fmadd_ps(d[m], (j % 2 == 0) ? E[m + j / 2] : O[m + j / 2], acc[j]);
     }
-    for (; w + 2 <= g.W; w += 2) {
-      const __m512 d = _mm512_loadu_ps(drow + w * CB);
-      for (int j = 0; j < K; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j]);
-    }
-    if (w < g.W) {  // as wgrad_taps
-      const __mmask16 lo = 0x00ff;
-      const __m512 d = _mm512_maskz_loadu_ps(lo, drow + w * CB);
-      for (int j = 0; j < K; ++j)
-        acc[j] = _mm512_mask3_fmadd_ps(d, _mm512_loadu_ps(prow + (w + j) * CB), acc[j], lo);
-    }
+    wgrad_pairs<K>(prow, drow, w, g.W, acc);
   }
-  for (int j = 0; j < K; ++j) {
-    float tmp[CB];
-    const __m256 lo = _mm512_castps512_ps256(acc[j]);
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1));
-    _mm256_storeu_ps(tmp, _mm256_add_ps(lo, hi));
-    for (int cc = 0; cc < CB; ++cc) dw[((i * g.k) + j) * CB + cc] += tmp[cc];
-  }
+  wgrad_flush<K>(acc, dw + i * g.k * CB);
 }
 
 void wgrad_tile(const float* P, const Plane& g, const float* D, double* dw) {
