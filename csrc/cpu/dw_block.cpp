@@ -715,13 +715,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // and affine, then the normalise step of each image from that buffer, instead of a round
   // trip of act(z) through memory. The arithmetic per plane and per channel is the image
   // order's below: the same bits.
+  // Channel c's batch statistics (to mean / var) and affine, once its planes' are known.
+  const std::vector<float> gamma = bn_weight.has_value() ? pad_channels(bn_weight, C, Cpad)
+                                                         : std::vector<float>(Cpad, 1.f);
+  const std::vector<float> beta = pad_channels(bn_bias, C, Cpad);
+  for (auto* v : {&aff.scale, &aff.shift, &aff.invstd, &aff.gamma, &aff.mean}) v->assign(Cpad, 0.f);
+  auto finish_channel = [&](int64_t c) {
+    const auto [m, v] = channel_stats(pmean.data(), pm2.data(), N, Cpad, c, HW);
+    mp[c] = m;
+    vp[c] = v;
+    set_affine(aff, c, m, v, gamma[c], beta[c], eps);
+  };
   const int64_t gns = group_subs(N, C, HW, sx.c == 1, 4, int64_t(1) << 18);
   if (gns > 0) {
     const int64_t tc = gns * CB, groups = (C + tc - 1) / tc;
-    const std::vector<float> gamma = bn_weight.has_value() ? pad_channels(bn_weight, C, Cpad)
-                                                           : std::vector<float>(Cpad, 1.f);
-    const std::vector<float> beta = pad_channels(bn_bias, C, Cpad);
-    for (auto* v : {&aff.scale, &aff.shift, &aff.invstd, &aff.gamma, &aff.mean}) v->assign(Cpad, 0.f);
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       Workspace ws(g, false, gns);
       std::vector<float> G(N * gns * HWC);  // act(z): image n, sub-block j at (n * gns + j) * HWC
@@ -732,12 +739,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           conv_act(t, c0 / CB, ws, G.data() + n * gns * HWC, HWC);
           plane_moments(t, G.data() + n * gns * HWC, HWC);
         }
-        for (int64_t c = c0; c < c0 + cb; ++c) {
-          const auto [m, v] = channel_stats(pmean.data(), pm2.data(), N, Cpad, c, HW);
-          mp[c] = m;
-          vp[c] = v;
-          set_affine(aff, c, m, v, gamma[c], beta[c], eps);
-        }
+        for (int64_t c = c0; c < c0 + cb; ++c) finish_channel(c);
         for (int64_t n = 0; n < N; ++n) normalise(Tile{n, c0, cb}, ws, G.data() + n * gns * HWC, HWC, true);
       }
     });
@@ -752,12 +754,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     conv_act(t, b, ws, A, HWC);
     plane_moments(t, A, HWC);
   });
-  for (int64_t c = 0; c < C; ++c) {
-    const auto [m, v] = channel_stats(pmean.data(), pm2.data(), N, Cpad, c, HW);
-    mp[c] = m;
-    vp[c] = v;
-  }
-  aff = make_affine(mean, var, bn_weight, bn_bias, eps, Cpad);
+  for (int64_t c = 0; c < C; ++c) finish_channel(c);
   for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
     normalise(t, ws, acp + (t.n * blocks + b) * HWC, HWC, true);
   });
