@@ -135,6 +135,65 @@ def test_wide_tiles_match_reference_and_narrow_tiles(layout, dtype, training):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("view", ["crop", "channel_slice", "narrow"])
+def test_nchw_row_views_match_reference(view, training):
+    """float32 NCHW tiles go through an 8 x 8 transposing reader and writer (rows of 8 pixels
+    of 8 channels, then the rest of the row one pixel at a time). Views with a row stride
+    past W, a channel offset, and rows shorter than 8 pixels all take it (the gradients too)."""
+    base = make_input((2, 40, 13, 23), torch.float32, "nchw")
+    x = {"crop": base[:, 4:28, 1:12, 2:19], "channel_slice": base[:, 5:21], "narrow": base[:, 8:32, :, 3:8]}[view]
+    assert x.stride(3) == 1 and not x.is_contiguous()
+    args = list(args_for(tuple(x.shape), 5, torch.float32, "nchw", training, True))
+    args[0] = x
+    fwd, bwd, bargs = _run_fwd_bwd(tuple(args), "nchw")
+    for name, g, w in zip(("out", "mean", "var", "preact"), fwd, reference.forward(DW_BLOCK, *args)):
+        close(name, g, w, torch.float32)
+    for name, g, w in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), bwd, reference.backward(DW_BLOCK, *bargs)):
+        close(name, g, w, torch.float32)
+
+
+def _run_fwd_bwd(args, grad_layout="channels_last"):
+    out, mean, var, preact = CPU.forward("dw_block", *args)
+    grad = make_input(out.shape, out.dtype, grad_layout)
+    bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, args[7], 1e-5, args[9], [True] * 5)
+    return (out, mean, var, preact), CPU.backward("dw_block", *bargs), bargs
+
+
+@pytest.mark.parametrize("eval_after", [False, True], ids=["train", "eval"])
+def test_pooled_buffers_carry_nothing_between_calls(eval_after):
+    """The kernels' per-thread buffers are pooled between calls (Buf in dw_block.cpp). On one
+    thread (one pool, every buffer reused) a call that leaves NaN in all of them comes before
+    calls with other planes, kernel sizes, layouts and channel counts (partial 8-channel
+    blocks included): each must still match the reference, and give the same bits after
+    another poisoning call."""
+    threads = torch.get_num_threads()
+
+    def poison():
+        args = list(args_for((2, 72, 16, 16), 9, torch.float32, "channels_last", True, True))
+        args[0] = torch.full_like(args[0], float("nan"))
+        _run_fwd_bwd(tuple(args))
+
+    try:
+        torch.set_num_threads(1)
+        for shape, k, layout in [((2, 64, 13, 11), 3, "channels_last"), ((1, 44, 20, 7), 5, "channels_last"),
+                                 ((2, 19, 9, 13), 7, "nchw")]:
+            args = args_for(shape, k, torch.float32, layout, not eval_after, True)
+            poison()
+            fwd, bwd, bargs = _run_fwd_bwd(args)
+            for name, g, w in zip(("out", "mean", "var", "preact"), fwd, reference.forward(DW_BLOCK, *args)):
+                close(name, g, w, torch.float32)
+            for name, g, w in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), bwd,
+                                  reference.backward(DW_BLOCK, *bargs)):
+                close(name, g, w, torch.float32)
+            poison()
+            again = CPU.forward("dw_block", *args) + CPU.backward("dw_block", *bargs)
+            for a, b in zip(fwd + bwd, again):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_rejects_what_it_cannot_run():
     args = args_for((2, 3, 5, 5), 3, torch.float32, "nchw", True, False)
     with pytest.raises(RuntimeError, match="float64 runs on the reference backend"):

@@ -5,7 +5,8 @@
 //
 // Work unit: a tile of CB = 8 channels of one image. Each tile is read once, in the loop
 // order its strides favour (8 contiguous channels per pixel for channels_last, rows for
-// NCHW; any strided view works), into a zero-padded, channel-interleaved float32 buffer
+// NCHW, float32 NCHW rows 8 pixels x 8 channels at a time through an in-register transpose;
+// any strided view works), into a zero-padded, channel-interleaved float32 buffer
 // that stays in L1/L2, so one AVX2 vector holds the 8 channels of a pixel. The k x k taps
 // then run branch-free over it with 2 rows x 4 pixels of outputs in registers (taps
 // unrolled for k = 3, 5, 7, 9; a run-time loop for other k).
@@ -20,12 +21,19 @@
 // loaded or evaluated once per element. Otherwise (few channels, large planes) image
 // order: training forward keeps act(z) of every tile in a float32 buffer of the
 // activation's size between two passes; the backward's two passes each load z and dy.
-// Results go back through the same layout-aware tile writer. Statistics and weight
+// Each sub-block's act(z) is computed (and its statistics taken) right after its conv, while
+// it is in L1. Results go back through the same layout-aware tile writer; for channels_last
+// tiles the last step (x + act(z) * scale + shift, or dx = conv + dy) is fused with the
+// write, one pixel at a time (write_tile_cl), with x taken from the input or the tile buffer
+// instead of being read into a tile buffer again. Per-thread buffers come from a per-thread
+// pool kept between calls (Buf: at most 8 MiB per thread), not from the system at every
+// call. Statistics and weight
 // gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
 // not depend on the number of threads (deterministic for a given input).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <type_traits>
 
 #include <algorithm>
 #if defined(__AVX2__)
@@ -109,6 +117,38 @@ struct Tile {
   int64_t subs() const { return (cb + CB - 1) / CB; }
   int64_t sub_channels(int64_t j) const { return std::min(CB, cb - j * CB); }
 };
+#if defined(__AVX2__) && defined(__FMA__)
+// In-register transpose of an 8 x 8 float block (r[i][j] <-> r[j][i]).
+inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#endif
+
+// Whether a tile of a float32 tensor with strides s can take the 8 x 8 transposing NCHW paths
+// of read_tile / write_tile (rows of W contiguous floats, whole 8-channel sub-blocks).
+template <typename scalar_t>
+inline bool nchw_rows(const Strides4& s, const Tile& t) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return std::is_same<scalar_t, float>::value && s.w == 1 && s.c != 1 && t.cb % CB == 0;
+#else
+  return false;
+#endif
+}
+
 
 template <typename scalar_t>
 inline float round_to(float v) {  // the value a float32 has once stored in scalar_t
@@ -130,6 +170,27 @@ void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H,
         const char* ahead = reinterpret_cast<const char*>(px + kPrefetch * s.w);
         for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l);
         float* d = dst + (h * rs + w) * CB;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channel rows at a time, transposed
+      for (int64_t j = 0; j < t.cb / CB; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          const float* in = base + j * CB * s.c + h * s.h;
+          float* d = dst + j * sub + h * rs * CB;
+          int64_t w = 0;
+          for (; w + 8 <= W; w += 8) {
+            __m256 r[8];
+            for (int cc = 0; cc < 8; ++cc) r[cc] = _mm256_loadu_ps(in + cc * s.c + w);
+            transpose8(r);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(d + (w + i) * CB, r[i]);
+          }
+          for (; w < W; ++w)
+            for (int64_t cc = 0; cc < CB; ++cc) d[w * CB + cc] = in[cc * s.c + w];
+        }
+      return;
+    }
+  }
+#endif
         for (int64_t j = 0; j < nj; ++j)
 #pragma omp simd
           for (int64_t cc = 0; cc < CB; ++cc) d[j * sub + cc] = static_cast<float>(px[j * CB + cc]);
@@ -157,6 +218,27 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
         char* ahead = reinterpret_cast<char*>(px + kPrefetch * s.w);
         for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l, 1);
         const float* v = src + (h * rs + w) * CB;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channels at a time, transposed
+      for (int64_t j = 0; j < t.cb / CB; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          float* out = base + j * CB * s.c + h * s.h;
+          const float* v = src + j * sub + h * rs * CB;
+          int64_t w = 0;
+          for (; w + 8 <= W; w += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(v + (w + i) * CB);
+            transpose8(r);
+            for (int cc = 0; cc < 8; ++cc) _mm256_storeu_ps(out + cc * s.c + w, r[cc]);
+          }
+          for (; w < W; ++w)
+            for (int64_t cc = 0; cc < CB; ++cc) out[cc * s.c + w] = v[w * CB + cc];
+        }
+      return;
+    }
+  }
+#endif
         for (int64_t j = 0; j < nj; ++j)
 #pragma omp simd
           for (int64_t cc = 0; cc < CB; ++cc) px[j * CB + cc] = static_cast<scalar_t>(v[j * sub + cc]);
@@ -170,6 +252,29 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
       for (int64_t w = 0; w < W; ++w) out[w * s.w] = static_cast<scalar_t>(v[w * CB]);
     }
 }
+
+// write_tile for a channels_last tile (dst's channel stride 1, cb a multiple of CB) whose
+// values come from pixel(h, w, v), which leaves the tile's cb floats of pixel (h, w) in v
+// (sub-block j at v + j * CB): the last step of a tile (residual, normalise) fused with the
+// write, one pixel at a time, instead of a pass through a tile buffer.
+template <typename scalar_t, typename PixelFn>
+void write_tile_cl(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int64_t W, PixelFn&& pixel) {
+  scalar_t* base = dst + t.n * s.n + t.c0 * s.c;
+  const int64_t line_bytes = t.cb * static_cast<int64_t>(sizeof(scalar_t));
+  alignas(64) float v[kMaxSubs * CB];
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) {
+      scalar_t* px = base + h * s.h + w * s.w;
+      char* ahead = reinterpret_cast<char*>(px + kPrefetch * s.w);
+      for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l, 1);
+      pixel(h, w, v);
+#pragma omp simd
+      for (int64_t c = 0; c < t.cb; ++c) px[c] = static_cast<scalar_t>(v[c]);
+    }
+}
+
+// Whether write_tile_cl can write tile t of a tensor with strides s.
+inline bool cl_tile(const Strides4& s, const Tile& t) { return s.c == 1 && t.cb % CB == 0; }
 
 // A vector of CB floats: AVX2 where the build has it, else a plain array the compiler vectorises.
 #if defined(__AVX2__) && defined(__FMA__)
@@ -576,15 +681,62 @@ inline std::pair<float, float> channel_stats(const double* pmean, const double* 
   return {static_cast<float>(mu), static_cast<float>(M2 / n_acc)};
 }
 
-// Scratch buffers of one thread, allocated (and zeroed) once per parallel chunk: padded
-// buffers keep their zero borders because tiles only ever write their interiors.
-// Every buffer holds ns sub-blocks: padded ones (P, DZ) at a stride of g.sub() floats, the
-// others (H x W x CB each) at a stride of g.zsub().
+// A float buffer of one thread, taken from (and given back to) that thread's pool, so that
+// buffers of MiBs are not taken from the system at every call: fresh memory costs a page
+// fault per 4 KiB page when first written (about 1700 per forward + backward at N=8, C=256,
+// 32 x 32, several % of its time). A pool keeps at most kPoolKeep floats (8 MiB) between
+// calls; larger buffers go back to the system. Contents are unspecified unless `zero`.
+constexpr size_t kPoolKeep = size_t(1) << 21;
+
+class Buf {
+ public:
+  Buf(int64_t n, bool zero) {
+    if (n == 0) return;
+    auto& pool = thread_pool();
+    size_t best = pool.size();  // the smallest pooled buffer that is large enough
+    for (size_t i = 0; i < pool.size(); ++i)
+      if (pool[i].size() >= static_cast<size_t>(n) && (best == pool.size() || pool[i].size() < pool[best].size()))
+        best = i;
+    if (best < pool.size()) {
+      v_.swap(pool[best]);
+      pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(best));
+    } else {
+      v_.resize(static_cast<size_t>(n));
+    }
+    if (zero) std::fill_n(v_.data(), n, 0.f);
+  }
+  ~Buf() {
+    if (v_.empty()) return;
+    auto& pool = thread_pool();
+    pool.push_back(std::move(v_));
+    // keep the largest buffers within kPoolKeep floats
+    std::sort(pool.begin(), pool.end(), [](const auto& a, const auto& b) { return a.size() > b.size(); });
+    size_t kept = 0, i = 0;
+    for (; i < pool.size() && kept + pool[i].size() <= kPoolKeep; ++i) kept += pool[i].size();
+    pool.resize(i);
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  float* data() { return v_.data(); }
+
+ private:
+  static std::vector<std::vector<float>>& thread_pool() {
+    thread_local std::vector<std::vector<float>> pool;
+    return pool;
+  }
+  std::vector<float> v_;
+};
+
+// Scratch buffers of one thread for one parallel chunk; the padded ones (P, DZ) zeroed, which
+// their borders stay because tiles only ever write their interiors. Every buffer holds ns
+// sub-blocks: padded ones at a stride of g.sub() floats, the others (H x W x CB each) at a
+// stride of g.zsub().
 struct Workspace {
-  std::vector<float> P, Z, A, D, DY, DZ, OUT;
+  Buf P, Z, A, D, DY, DZ, OUT;
   Workspace(const Plane& g, bool backward, int64_t ns)
-      : P(ns * g.sub(), 0.f), Z(ns * g.zsub()), A(ns * g.zsub()), D(backward ? ns * g.zsub() : 0),
-        DY(backward ? ns * g.zsub() : 0), DZ(backward ? ns * g.sub() : 0, 0.f), OUT(ns * g.zsub()) {}
+      : P(ns * g.sub(), true), Z(ns * g.zsub(), false), A(ns * g.zsub(), false),
+        D(backward ? ns * g.zsub() : 0, false), DY(backward ? ns * g.zsub() : 0, false),
+        DZ(backward ? ns * g.sub() : 0, true), OUT(ns * g.zsub(), false) {}
 };
 
 // Runs fn(tile, block, workspace) for every tile (image n, tile_subs() channel blocks), in
@@ -652,54 +804,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   std::vector<double> pmean(N * Cpad), pm2(N * Cpad);
 
   // Reads the tile (padded, into P), and leaves act(z) of its sub-block j at A + j * as
-  // (z also to preact when saved).
-  auto conv_act = [&](const Tile& t, int64_t b, Workspace& ws, float* A, int64_t as) {
+  // (z also to preact when saved); post(j) runs as soon as sub-block j's act(z) is there,
+  // while it is still in L1.
+  auto conv_act = [&](const Tile& t, int64_t b, Workspace& ws, float* A, int64_t as, auto&& post) {
     float *P = ws.P.data(), *Z = ws.Z.data();
     const int64_t nj = t.subs();
     read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
-    for (int64_t j = 0; j < nj; ++j)
+    for (int64_t j = 0; j < nj; ++j) {
       conv_tile(P + j * gs, g, wp + (b + j) * kk * CB, bpack.data() + t.c0 + j * CB, Z + j * zs, W);
-    for (int64_t j = 0; j < nj; ++j) round_tile<scalar_t>(Z + j * zs, HWC);
+      round_tile<scalar_t>(Z + j * zs, HWC);
+      act_forward(act, Z + j * zs, A + j * as, HWC);
+      post(j);
+    }
     if (save_preact) write_tile(preact.data_ptr<scalar_t>(), sz, t, H, W, Z, W, zs);
-    for (int64_t j = 0; j < nj; ++j) act_forward(act, Z + j * zs, A + j * as, HWC);
   };
-  // Per-(n, c) plane statistics of act(z) (sub-block j at A + j * as) into pmean / pm2.
-  auto plane_moments = [&](const Tile& t, const float* A, int64_t as) {
-    for (int64_t j = 0; j < t.subs(); ++j) {
-      double m[CB], q[CB];
-      tile_moments(A + j * as, HW, m, q);
-      for (int64_t cc = 0; cc < t.sub_channels(j); ++cc) {
-        pmean[t.n * Cpad + t.c0 + j * CB + cc] = m[cc];
-        pm2[t.n * Cpad + t.c0 + j * CB + cc] = q[cc];
-      }
+  // Per-(n, c) plane statistics of sub-block j's act(z) (at A + j * as) into pmean / pm2.
+  auto plane_moments = [&](const Tile& t, int64_t j, const float* A, int64_t as) {
+    double m[CB], q[CB];
+    tile_moments(A + j * as, HW, m, q);
+    for (int64_t cc = 0; cc < t.sub_channels(j); ++cc) {
+      pmean[t.n * Cpad + t.c0 + j * CB + cc] = m[cc];
+      pm2[t.n * Cpad + t.c0 + j * CB + cc] = q[cc];
     }
   };
-  // out = x + act(z) * scale + shift over the tile (act(z) of sub-block j at A + j * as; x
-  // read again unless P still holds it).
-  auto normalise = [&](const Tile& t, Workspace& ws, const float* A, int64_t as, bool reread) {
-    float *P = ws.P.data(), *OUT = ws.OUT.data();
-    if (reread) read_tile(xp, sx, t, H, W, P + g.interior(), g.Wp, gs);
-    for (int64_t j = 0; j < t.subs(); ++j) {
-      const int64_t c0 = t.c0 + j * CB;
-      const float* sc = aff.scale.data() + c0;
-      const float* sh = aff.shift.data() + c0;
-      const float *Pj = P + j * gs + g.interior(), *Aj = A + j * as;
-      float* Yj = OUT + j * zs;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) {
-          const float* xin = Pj + (h * g.Wp + w) * CB;
-          const int64_t o = (h * W + w) * CB;
+  // OUT's sub-block j = x + act(z) * scale + shift (act(z) at A + j * as, x in P).
+  auto normalise_sub = [&](const Tile& t, int64_t j, const float* P, const float* A, int64_t as, float* OUT) {
+    const int64_t c0 = t.c0 + j * CB;
+    const float* sc = aff.scale.data() + c0;
+    const float* sh = aff.shift.data() + c0;
+    const float *Pj = P + j * gs + g.interior(), *Aj = A + j * as;
+    float* Yj = OUT + j * zs;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const float* xin = Pj + (h * g.Wp + w) * CB;
+        const int64_t o = (h * W + w) * CB;
 #pragma omp simd
-          for (int64_t cc = 0; cc < CB; ++cc) Yj[o + cc] = xin[cc] + Aj[o + cc] * sc[cc] + sh[cc];
-        }
-    }
-    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, OUT, W, zs);
+        for (int64_t cc = 0; cc < CB; ++cc) Yj[o + cc] = xin[cc] + Aj[o + cc] * sc[cc] + sh[cc];
+      }
+  };
+  // out = x + act(z) * scale + shift over the tile (x read again).
+  // out = x + act(z) * scale + shift for a channels_last tile straight from x(h, w, j, cc) =
+  // xb[h * xh + w * xw + j * xj + cc] (the tensor or the padded tile buffer) and act(z) at A
+  // + j * as: normalise_sub and write_tile in one pass, the same arithmetic (same bits).
+  auto residual_out = [&](const Tile& t, const auto* xb, int64_t xh, int64_t xw, int64_t xj, const float* A,
+                          int64_t as) {
+    const int64_t nj = t.subs(), xbytes = t.cb * static_cast<int64_t>(sizeof(*xb));
+    const float *sc = aff.scale.data() + t.c0, *sh = aff.shift.data() + t.c0;
+    write_tile_cl(out.data_ptr<scalar_t>(), so, t, H, W, [&](int64_t h, int64_t w, float* v) {
+      const auto* xq = xb + h * xh + w * xw;
+      if (xj == CB) {  // x read from the tensor: prefetch it as read_tile does
+        const char* xa = reinterpret_cast<const char*>(xq + kPrefetch * xw);
+        for (int64_t l = 0; l < xbytes; l += 64) __builtin_prefetch(xa + l);
+      }
+      const float* a = A + (h * W + w) * CB;
+      for (int64_t j = 0; j < nj; ++j)
+#pragma omp simd
+        for (int64_t cc = 0; cc < CB; ++cc)
+          v[j * CB + cc] = static_cast<float>(xq[j * xj + cc]) + a[j * as + cc] * sc[j * CB + cc] + sh[j * CB + cc];
+    });
+  };
+  auto normalise = [&](const Tile& t, Workspace& ws, const float* A, int64_t as) {
+    if (cl_tile(sx, t) && cl_tile(so, t))
+      return residual_out(t, xp + t.n * sx.n + t.c0, sx.h, sx.w, int64_t(CB), A, as);
+    read_tile(xp, sx, t, H, W, ws.P.data() + g.interior(), g.Wp, gs);
+    for (int64_t j = 0; j < t.subs(); ++j) normalise_sub(t, j, ws.P.data(), A, as, ws.OUT.data());
+    write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
   };
 
   if (!use_batch_stats) {  // eval: one pass
     for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-      conv_act(t, b, ws, ws.A.data(), zs);
-      normalise(t, ws, ws.A.data(), zs, false);
+      if (cl_tile(so, t)) {  // x from the padded tile buffer
+        conv_act(t, b, ws, ws.A.data(), zs, [](int64_t) {});
+        return residual_out(t, static_cast<const float*>(ws.P.data() + g.interior()), g.Wp * CB, int64_t(CB), gs,
+                            ws.A.data(), zs);
+      }
+      conv_act(t, b, ws, ws.A.data(), zs,
+               [&](int64_t j) { normalise_sub(t, j, ws.P.data(), ws.A.data(), zs, ws.OUT.data()); });
+      write_tile(out.data_ptr<scalar_t>(), so, t, H, W, ws.OUT.data(), W, zs);
     });
     return {out, mean, var, preact};
   }
@@ -731,16 +912,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const int64_t tc = gns * CB, groups = (C + tc - 1) / tc;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       Workspace ws(g, false, gns);
-      std::vector<float> G(N * gns * HWC);  // act(z): image n, sub-block j at (n * gns + j) * HWC
+      Buf G(N * gns * HWC, false);  // act(z): image n, sub-block j at (n * gns + j) * HWC
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t c0 = gi * tc, cb = std::min(tc, C - c0);
         for (int64_t n = 0; n < N; ++n) {
           const Tile t{n, c0, cb};
-          conv_act(t, c0 / CB, ws, G.data() + n * gns * HWC, HWC);
-          plane_moments(t, G.data() + n * gns * HWC, HWC);
+          float* Gn = G.data() + n * gns * HWC;
+          conv_act(t, c0 / CB, ws, Gn, HWC, [&](int64_t j) { plane_moments(t, j, Gn, HWC); });
         }
         for (int64_t c = c0; c < c0 + cb; ++c) finish_channel(c);
-        for (int64_t n = 0; n < N; ++n) normalise(Tile{n, c0, cb}, ws, G.data() + n * gns * HWC, HWC, true);
+        for (int64_t n = 0; n < N; ++n) normalise(Tile{n, c0, cb}, ws, G.data() + n * gns * HWC, HWC);
       }
     });
     return {out, mean, var, preact};
@@ -751,12 +932,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   float* const acp = acache.data_ptr<float>();
   for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
     float* A = acp + (t.n * blocks + b) * HWC;
-    conv_act(t, b, ws, A, HWC);
-    plane_moments(t, A, HWC);
+    conv_act(t, b, ws, A, HWC, [&](int64_t j) { plane_moments(t, j, A, HWC); });
   });
   for (int64_t c = 0; c < C; ++c) finish_channel(c);
   for_each_tile(N, C, g, false, sx.c == 1, [&](const Tile& t, int64_t b, Workspace& ws) {
-    normalise(t, ws, acp + (t.n * blocks + b) * HWC, HWC, true);
+    normalise(t, ws, acp + (t.n * blocks + b) * HWC, HWC);
   });
   return {out, mean, var, preact};
 }
@@ -868,7 +1048,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       if (need_dw) wgrad_tile(P + j * gs, g, Dj, pdw.data() + (t.n * blocks + b + j) * kk * CB);
       if (need_dx) conv_tile(DZj, g, wflip.data_ptr<float>() + (b + j) * kk * CB, zeros.data(), OUT + j * zs, W);
     }
-    if (need_dx) {
+    if (need_dx && cl_tile(sdx, t)) {  // dx = conv + dy, written straight from the two
+      write_tile_cl(dx.data_ptr<scalar_t>(), sdx, t, H, W, [&](int64_t h, int64_t w, float* v) {
+        const int64_t i = (h * W + w) * CB;
+        for (int64_t j = 0; j < nj; ++j)
+#pragma omp simd
+          for (int64_t cc = 0; cc < CB; ++cc) v[j * CB + cc] = OUT[j * zs + i + cc] + DY[j * zs + i + cc];
+      });
+    } else if (need_dx) {
       for (int64_t j = 0; j < nj; ++j)
         for (int64_t i = 0; i < HWC; ++i) OUT[j * zs + i] += DY[j * zs + i];
       write_tile(dx.data_ptr<scalar_t>(), sdx, t, H, W, OUT, W, zs);
@@ -887,7 +1074,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const int64_t tc = gns * CB, groups = (C + tc - 1) / tc, per_n = gns * zs;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       Workspace ws(g, true, gns);
-      std::vector<float> GA(N * per_n), GD(N * per_n), GDY(N * per_n);
+      Buf GA(N * per_n, false), GD(N * per_n, false), GDY(N * per_n, false);
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t c0 = gi * tc, cb = std::min(tc, C - c0), b = c0 / CB;
         for (int64_t n = 0; n < N; ++n) {
