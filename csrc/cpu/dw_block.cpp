@@ -170,6 +170,12 @@ void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H,
         const char* ahead = reinterpret_cast<const char*>(px + kPrefetch * s.w);
         for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l);
         float* d = dst + (h * rs + w) * CB;
+        for (int64_t j = 0; j < nj; ++j)
+#pragma omp simd
+          for (int64_t cc = 0; cc < CB; ++cc) d[j * sub + cc] = static_cast<float>(px[j * CB + cc]);
+      }
+    return;
+  }
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channel rows at a time, transposed
@@ -191,12 +197,6 @@ void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H,
     }
   }
 #endif
-        for (int64_t j = 0; j < nj; ++j)
-#pragma omp simd
-          for (int64_t cc = 0; cc < CB; ++cc) d[j * sub + cc] = static_cast<float>(px[j * CB + cc]);
-      }
-    return;
-  }
   for (int64_t c = 0; c < t.cb; ++c)
     for (int64_t h = 0; h < H; ++h) {
       const scalar_t* in = base + c * s.c + h * s.h;
@@ -218,6 +218,12 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
         char* ahead = reinterpret_cast<char*>(px + kPrefetch * s.w);
         for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l, 1);
         const float* v = src + (h * rs + w) * CB;
+        for (int64_t j = 0; j < nj; ++j)
+#pragma omp simd
+          for (int64_t cc = 0; cc < CB; ++cc) px[j * CB + cc] = static_cast<scalar_t>(v[j * sub + cc]);
+      }
+    return;
+  }
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channels at a time, transposed
@@ -239,12 +245,6 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
     }
   }
 #endif
-        for (int64_t j = 0; j < nj; ++j)
-#pragma omp simd
-          for (int64_t cc = 0; cc < CB; ++cc) px[j * CB + cc] = static_cast<scalar_t>(v[j * sub + cc]);
-      }
-    return;
-  }
   for (int64_t c = 0; c < t.cb; ++c)
     for (int64_t h = 0; h < H; ++h) {
       scalar_t* out = base + c * s.c + h * s.h;
@@ -267,9 +267,13 @@ void write_tile_cl(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, i
       scalar_t* px = base + h * s.h + w * s.w;
       char* ahead = reinterpret_cast<char*>(px + kPrefetch * s.w);
       for (int64_t l = 0; l < line_bytes; l += 64) __builtin_prefetch(ahead + l, 1);
-      pixel(h, w, v);
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        pixel(h, w, px);  // straight into the output (a copy from v would become a memcpy call)
+      } else {
+        pixel(h, w, v);
 #pragma omp simd
-      for (int64_t c = 0; c < t.cb; ++c) px[c] = static_cast<scalar_t>(v[c]);
+        for (int64_t c = 0; c < t.cb; ++c) px[c] = static_cast<scalar_t>(v[c]);
+      }
     }
 }
 
@@ -316,8 +320,11 @@ inline void conv_block(const float* P, int64_t Wp, int64_t k, const float* wt, V
       }
     }
   }
+  // The constant count with a test (GCC turns a loop to nw into a memcpy call from acc
+  // spilled to the stack).
   for (int r = 0; r < ROWS; ++r)
-    for (int q = 0; q < nw; ++q) vstore(out + ((h + r) * out_rs + w0 + q) * CB, acc[r][q]);
+    for (int q = 0; q < PX; ++q)
+      if (q < nw) vstore(out + ((h + r) * out_rs + w0 + q) * CB, acc[r][q]);
 }
 
 // out (H x W x CB, row stride out_rs) = 'same' conv of the padded tile buffer P with the
