@@ -734,10 +734,10 @@ class Buf {
   std::vector<float> v_;
 };
 
-// Scratch buffers of one thread for one parallel chunk; the padded ones (P, DZ) zeroed, which
-// their borders stay because tiles only ever write their interiors. Every buffer holds ns
-// sub-blocks: padded ones at a stride of g.sub() floats, the others (H x W x CB each) at a
-// stride of g.zsub().
+// Scratch buffers of one thread for one parallel chunk. The padded ones (P, DZ) are zeroed
+// and their borders stay zero, because tiles only ever write their interiors. Every buffer
+// holds ns sub-blocks: padded ones at a stride of g.sub() floats, the others (H x W x CB
+// each) at a stride of g.zsub().
 struct Workspace {
   Buf P, Z, A, D, DY, DZ, OUT;
   Workspace(const Plane& g, bool backward, int64_t ns)
@@ -849,7 +849,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         for (int64_t cc = 0; cc < CB; ++cc) Yj[o + cc] = xin[cc] + Aj[o + cc] * sc[cc] + sh[cc];
       }
   };
-  // out = x + act(z) * scale + shift over the tile (x read again).
   // out = x + act(z) * scale + shift for a channels_last tile straight from x(h, w, j, cc) =
   // xb[h * xh + w * xw + j * xj + cc] (the tensor or the padded tile buffer) and act(z) at A
   // + j * as: normalise_sub and write_tile in one pass, the same arithmetic (same bits).
@@ -870,6 +869,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           v[j * CB + cc] = static_cast<float>(xq[j * xj + cc]) + a[j * as + cc] * sc[j * CB + cc] + sh[j * CB + cc];
     });
   };
+  // out = x + act(z) * scale + shift over the tile, x read again (from the input directly
+  // where both are channels_last).
   auto normalise = [&](const Tile& t, Workspace& ws, const float* A, int64_t as) {
     if (cl_tile(sx, t) && cl_tile(so, t))
       return residual_out(t, xp + t.n * sx.n + t.c0, sx.h, sx.w, int64_t(CB), A, as);
