@@ -27,19 +27,19 @@
 // write, one pixel at a time (write_tile_cl), with x taken from the input or the tile buffer
 // instead of being read into a tile buffer again. Per-thread buffers come from a per-thread
 // pool kept between calls (Buf: at most 8 MiB per thread), not from the system at every
-// call. Statistics and weight
-// gradients are reduced per (n, c) plane and then over n in a fixed order, so results do
-// not depend on the number of threads (deterministic for a given input).
+// call. Statistics and weight gradients are reduced per (n, c) plane and then over n in a
+// fixed order, so results do not depend on the number of threads (deterministic for a
+// given input).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <type_traits>
 
 #include <algorithm>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -136,19 +136,11 @@ inline void transpose8(__m256 (&r)[8]) {
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
-#endif
 
-// Whether a tile of a float32 tensor with strides s can take the 8 x 8 transposing NCHW paths
-// of read_tile / write_tile (rows of W contiguous floats, whole 8-channel sub-blocks).
-template <typename scalar_t>
-inline bool nchw_rows(const Strides4& s, const Tile& t) {
-#if defined(__AVX2__) && defined(__FMA__)
-  return std::is_same<scalar_t, float>::value && s.w == 1 && s.c != 1 && t.cb % CB == 0;
-#else
-  return false;
+// Whether a float32 tile with strides s can take the 8 x 8 transposing NCHW paths of
+// read_tile / write_tile (rows of W contiguous floats, whole 8-channel sub-blocks).
+inline bool nchw_rows(const Strides4& s, const Tile& t) { return s.w == 1 && s.c != 1 && t.cb % CB == 0; }
 #endif
-}
-
 
 template <typename scalar_t>
 inline float round_to(float v) {  // the value a float32 has once stored in scalar_t
@@ -178,7 +170,7 @@ void read_tile(const scalar_t* src, const Strides4& s, const Tile& t, int64_t H,
   }
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channel rows at a time, transposed
+    if (nchw_rows(s, t)) {  // 8 pixels of the 8 channel rows at a time, transposed
       for (int64_t j = 0; j < t.cb / CB; ++j)
         for (int64_t h = 0; h < H; ++h) {
           const float* in = base + j * CB * s.c + h * s.h;
@@ -226,7 +218,7 @@ void write_tile(scalar_t* dst, const Strides4& s, const Tile& t, int64_t H, int6
   }
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (nchw_rows<scalar_t>(s, t)) {  // 8 pixels of the 8 channels at a time, transposed
+    if (nchw_rows(s, t)) {  // 8 pixels of the 8 channels at a time, transposed
       for (int64_t j = 0; j < t.cb / CB; ++j)
         for (int64_t h = 0; h < H; ++h) {
           float* out = base + j * CB * s.c + h * s.h;
@@ -898,12 +890,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // read through the layout-aware reader again).
   float* const mp = mean.data_ptr<float>();
   float* const vp = var.data_ptr<float>();
-  // Channel-group order where there are enough channels: a thread takes a group of channels
-  // (32 for channels_last: a pair of cache lines per pixel; 8 for NCHW) through all N
-  // images, act(z) into its own buffer of at most 1 MiB (in L2), then the group's statistics
-  // and affine, then the normalise step of each image from that buffer, instead of a round
-  // trip of act(z) through memory. The arithmetic per plane and per channel is the image
-  // order's below: the same bits.
   // Channel c's batch statistics (to mean / var) and affine, once its planes' are known.
   const std::vector<float> gamma = bn_weight.has_value() ? pad_channels(bn_weight, C, Cpad)
                                                          : std::vector<float>(Cpad, 1.f);
@@ -915,6 +901,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     vp[c] = v;
     set_affine(aff, c, m, v, gamma[c], beta[c], eps);
   };
+  // Channel-group order where there are enough channels: a thread takes a group of channels
+  // (32 for channels_last: a pair of cache lines per pixel; 8 for NCHW) through all N
+  // images, act(z) into its own buffer of at most 1 MiB (in L2), then the group's statistics
+  // and affine, then the normalise step of each image from that buffer, instead of a round
+  // trip of act(z) through memory. The arithmetic per plane and per channel is the image
+  // order's below: the same bits.
   const int64_t gns = group_subs(N, C, HW, sx.c == 1, 4, int64_t(1) << 18);
   if (gns > 0) {
     const int64_t tc = gns * CB, groups = (C + tc - 1) / tc;
@@ -1072,7 +1064,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const bool grads = need_dx || need_dw || need_db;
 
   // Three buffers of up to 4 MiB per thread; channels_last groups of up to 32 channels (a
-  // pair of cache lines per pixel; 64 measured slower: the buffers then leave L2).
+  // pair of cache lines per pixel; 64 and 16 measured slower).
   const int64_t gns = group_subs(N, C, HW, sx.c == 1, 4, int64_t(1) << 20);
   if (gns > 0) {
     // Channel-group order: a thread takes a group of channels through all N images, keeping
