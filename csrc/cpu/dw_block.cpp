@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "../shape_str.h"
 
 namespace convmixer_kernels {
 namespace cpu {
@@ -651,13 +652,13 @@ std::vector<float> pad_channels(const c10::optional<at::Tensor>& t, int64_t C, i
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* where) {
   TORCH_CHECK(x.device().is_cpu(), where, ": x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, where, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 4, where, ": x must be 4-D (N, C, H, W), got ", shape_str(x.sizes()));
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, where,
               ": x must be float32, bfloat16 or float16 (float64 runs on the reference backend), got ", st);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
                   weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              where, ": weight must be (C, 1, k, k) with k odd and C = x.size(1), got ", weight.sizes());
+              where, ": weight must be (C, 1, k, k) with k odd and C = x.size(1), got ", shape_str(weight.sizes()));
 }
 
 at::MemoryFormat output_format(const at::Tensor& x) {
@@ -1164,7 +1165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     const c10::List<bool>& output_mask) {
   check_inputs(x, weight, "dw_block_backward_kernel (cpu)");
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-              "dw_block_backward_kernel (cpu): grad_out must match x in shape and dtype, got ", grad_out.sizes(),
+              "dw_block_backward_kernel (cpu): grad_out must match x in shape and dtype, got ", shape_str(grad_out.sizes()),
               " ", grad_out.scalar_type());
   TORCH_CHECK(output_mask.size() == 5, "dw_block_backward_kernel (cpu): output_mask must have 5 entries");
   TORCH_CHECK(preact.numel() == 0 || (preact.sizes() == x.sizes() && preact.scalar_type() == x.scalar_type()),

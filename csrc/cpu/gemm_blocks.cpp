@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "../shape_str.h"
 
 namespace convmixer_kernels {
 namespace cpu {
@@ -242,7 +243,7 @@ void check_per_channel(const OptTensor& t, const char* name, int64_t c, const ch
   if (!t.has_value() || !t->defined()) return;
   check_float(*t, name, op);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": ", name, ": expected shape (", c,
-              ",) (one value per output channel), got ", t->sizes());
+              ",) (one value per output channel), got ", shape_str(t->sizes()));
 }
 
 // The layout an out_format argument names (convmixer_kernels._spec.OUT_FORMATS).
@@ -258,17 +259,17 @@ Geom make_geom(bool patch, const Tensor& x, const Tensor& w, at::MemoryFormat ou
                const char* op) {
   check_float(x, "x", op);
   check_float(w, "weight", op);
-  TORCH_CHECK(x.dim() == 4, op, ": x: expected a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 4, op, ": x: expected a 4-D (N, C, H, W) tensor, got shape ", shape_str(x.sizes()));
   TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
-              ": x: every dimension of (N, C, H, W) must be >= 1, got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4, op, ": weight: expected a 4-D conv weight, got shape ", w.sizes());
-  TORCH_CHECK(w.size(0) >= 1, op, ": weight: expected at least one output channel, got ", w.sizes());
+              ": x: every dimension of (N, C, H, W) must be >= 1, got ", shape_str(x.sizes()));
+  TORCH_CHECK(w.dim() == 4, op, ": weight: expected a 4-D conv weight, got shape ", shape_str(w.sizes()));
+  TORCH_CHECK(w.size(0) >= 1, op, ": weight: expected at least one output channel, got ", shape_str(w.sizes()));
   TORCH_CHECK(w.size(1) == x.size(1), op, ": weight: expected ", x.size(1),
-              " input channels (x has C=", x.size(1), "), got weight of shape ", w.sizes());
-  TORCH_CHECK(w.size(2) == w.size(3), op, ": weight: expected a square kernel, got shape ", w.sizes());
-  TORCH_CHECK(w.size(2) >= 1, op, ": weight: kernel size must be >= 1, got shape ", w.sizes());
+              " input channels (x has C=", x.size(1), "), got weight of shape ", shape_str(w.sizes()));
+  TORCH_CHECK(w.size(2) == w.size(3), op, ": weight: expected a square kernel, got shape ", shape_str(w.sizes()));
+  TORCH_CHECK(w.size(2) >= 1, op, ": weight: kernel size must be >= 1, got shape ", shape_str(w.sizes()));
   if (!patch) {
-    TORCH_CHECK(w.size(2) == 1, op, ": weight: expected a 1x1 weight (Cout, Cin, 1, 1), got ", w.sizes());
+    TORCH_CHECK(w.size(2) == 1, op, ": weight: expected a 1x1 weight (Cout, Cin, 1, 1), got ", shape_str(w.sizes()));
   }
   Geom g;
   g.N = x.size(0);
@@ -1017,17 +1018,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_entry(
     const Tensor& t = *nt.second;
     TORCH_CHECK(t.device().is_cpu(), op, ": ", nt.first, ": expected a CPU tensor, got one on ", t.device());
     TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", nt.first, ": expected shape (", C,
-                ",), got ", t.sizes());
+                ",), got ", shape_str(t.sizes()));
     TORCH_CHECK(t.scalar_type() == sdt, op, ": ", nt.first, ": expected the statistics dtype ",
                 sdt, " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
   }
   check_float(grad_out, "grad_out", op);
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_sizes(g)), op, ": grad_out: expected shape ",
-              c10::IntArrayRef(out_sizes(g)), ", got ", grad_out.sizes());
+              shape_str(out_sizes(g)), ", got ", shape_str(grad_out.sizes()));
   if (preact.numel() > 0) {
     check_float(preact, "preact", op);
     TORCH_CHECK(preact.sizes() == c10::IntArrayRef(out_sizes(g)), op, ": preact: expected shape ",
-                c10::IntArrayRef(out_sizes(g)), " or an empty tensor, got ", preact.sizes());
+                shape_str(out_sizes(g)), " or an empty tensor, got ", shape_str(preact.sizes()));
   }
   TORCH_CHECK(output_mask.size() == 5, op, ": output_mask: expected 5 entries, got ", output_mask.size());
   std::vector<bool> mask;

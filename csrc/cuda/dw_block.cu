@@ -45,6 +45,8 @@
 #include <string>
 #include <type_traits>
 
+#include "../shape_str.h"
+
 namespace convmixer_kernels {
 namespace cuda {
 namespace {
@@ -642,17 +644,9 @@ void check_same_device(const c10::optional<at::Tensor>& t, const at::Tensor& x, 
                 t->device());
 }
 
-// "[a, b, c]": shapes for error messages, formatted here rather than by streaming an
-// IntArrayRef from this nvcc-compiled file (that crashed a process on an H100 machine).
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* where) {
   TORCH_CHECK(x.device().is_cuda(), where, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, where, ": x must be 4-D (N, C, H, W), got ", shape_str(x));
+  TORCH_CHECK(x.dim() == 4, where, ": x must be 4-D (N, C, H, W), got ", shape_str(x.sizes()));
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, where,
               ": x must be float32, bfloat16 or float16 (float64 runs on the reference backend), got ", st);
@@ -660,7 +654,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* whe
               weight.device());
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
                   weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              where, ": weight must be (C, 1, k, k) with k odd and C = x.size(1), got ", shape_str(weight));
+              where, ": weight must be (C, 1, k, k) with k odd and C = x.size(1), got ", shape_str(weight.sizes()));
 }
 
 // Per-channel float32 copies (contiguous) of optional parameters.
@@ -777,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   const char* where = "dw_block_backward_kernel (cuda)";
   check_inputs(x, weight, where);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), where,
-              ": grad_out must match x in shape and dtype, got ", shape_str(grad_out), " ", grad_out.scalar_type());
+              ": grad_out must match x in shape and dtype, got ", shape_str(grad_out.sizes()), " ", grad_out.scalar_type());
   TORCH_CHECK(grad_out.device() == x.device(), where, ": grad_out must be on ", x.device(), " like x");
   TORCH_CHECK(output_mask.size() == 5, where, ": output_mask must have 5 entries");
   TORCH_CHECK(preact.numel() == 0 || (preact.sizes() == x.sizes() && preact.scalar_type() == x.scalar_type()),
