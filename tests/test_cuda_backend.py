@@ -197,3 +197,17 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="k odd"):
         cuda.forward("dw_block", x.float(), torch.randn(4, 1, 4, 4, device="cuda"), None, None, None, None,
                      None, True, 1e-5, "gelu", False)
+
+
+def test_sanitize_driver_runs_on_the_cpu_backend():
+    """scripts/cuda_sanitize.py (compute-sanitizer's driver on a GPU) runs its cases and checks
+    them against the reference; on the cpu backend it runs anywhere, so it cannot rot."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "cuda_sanitize.py"
+    r = subprocess.run([sys.executable, str(script), "--backend", "cpu", "--quick"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "108 forward+backward cases, 0 mismatches" in r.stdout
