@@ -167,6 +167,40 @@ def test_no_grad_saves_no_preact():
     assert preact.numel() == 0
 
 
+@pytest.mark.parametrize("op,backend", F32)
+def test_backward_fills_no_zero_gradients(op, backend):
+    """The block's mean, var and preact outputs carry no gradient: autograd hands the
+    backward None for them instead of a zero tensor (preact's as large as the output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w, b, bw, bb, rm, rv, *rest = _sample_args(op, True, "nchw", True, True)
+    x, w, b, bw, bb = (t.requires_grad_() for t in (x, w, b, bw, bb))
+    fwd = BLOCK_OPS[op].forward
+    fmt = BLOCK_OPS[op].fmt_args("contiguous")
+    out, mean, var, preact = fwd(x, w, b, bw, bb, rm, rv, *rest, *fmt, backend)
+    assert preact.shape == out.shape
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.backward(torch.randn_like(out))
+    big = [e for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::fill_",
+                                                  "aten::zeros_like")
+           and any(list(s) == list(out.shape) for s in e.input_shapes)]
+    assert not big, [(e.name, e.input_shapes) for e in big]
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("op,backend", F32)
+def test_unused_output_gives_no_gradient(op, backend):
+    """A loss on the statistics alone (the output unused) runs and gives no gradient:
+    the statistics and the saved pre-activation are not differentiable outputs."""
+    x, w, b, bw, bb, rm, rv, *rest = _sample_args(op, True, "nchw", True, True)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    fwd = BLOCK_OPS[op].forward
+    out, mean, var, preact = fwd(x, w, b, bw, bb, rm, rv, *rest, *BLOCK_OPS[op].fmt_args("contiguous"),
+                                 backend)
+    (mean.sum() + var.sum() + preact.sum()).backward()
+    assert x.grad is None and w.grad is None
+
+
 F32_ONLY = [(op, b) for op, b in F32 if (op, b) not in F64]
 
 

@@ -127,6 +127,9 @@ def define(spec: BlockSpec) -> BlockOp:
          _save, *_fmt, backend) = inputs
         _out, mean, var, preact = output
         ctx.save_for_backward(x, weight, bias, bn_weight, mean, var, preact)
+        # The gradients of mean, var and preact are never used: without this autograd would
+        # fill a zero tensor for each, preact's as large as the output, at every backward.
+        ctx.set_materialize_grads(False)
         ctx.config = (use_batch_stats, eps, activation, backend)
         ctx.n_fmt = len(_fmt)  # out_format (GEMM blocks): no gradient
         ctx.out_fmt = out_memory_format(_fmt[0]) if _fmt else output_memory_format(x)
@@ -135,6 +138,8 @@ def define(spec: BlockSpec) -> BlockOp:
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_preact):
         x, weight, bias, bn_weight, mean, var, preact = ctx.saved_tensors
         use_batch_stats, eps, activation, backend = ctx.config
+        if grad_out is None:  # the output is not used: every gradient is zero
+            return (None,) * (11 + ctx.n_fmt + 1)
         # The backward kernels work in preact's layout, else grad_out's: grad_out in the
         # output's layout (a copy only when autograd hands other strides) makes a saved
         # and a recomputed pre-activation (memory_saving) give the same bits.
