@@ -254,3 +254,38 @@ def test_layer_eval_layout(backend, layout, fmt):
         layer_eval(x, **dw, pw_weight=torch.randn(COUT, c, 1, 1), pw_bias=None, bn2_weight=None,
                    bn2_bias=None, bn2_mean=rm, bn2_var=rv, backend=backend,
                    memory_format=torch.channels_last_3d)
+
+
+DW_CASES = [b for b in backends_under_test("cpu", "dw_block")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", DW_CASES)
+def test_dw_block_preact_and_fake_layout(backend, layout, dtype):
+    """dw_block: out follows x's layout; the saved pre-activation follows it too, except on
+    the cpu backend in float32, which keeps it NCHW (``preact_format``); the fake gives the
+    kernel's strides, and the backward from the saved pre-activation gives the same bits as
+    the one that recomputes it (memory saving)."""
+    c, k = 16, 3
+    x = make_input((2, c, 5, 6), dtype, layout)
+    w = (torch.randn(c, 1, k, k) / k).to(dtype)
+    b, bw, bb = (torch.randn(c).to(dtype) for _ in range(3))
+    rm, rv = torch.zeros(c), torch.ones(c)
+    op = BLOCK_OPS["dw_block"]
+    args = (x, w, b, bw, bb, rm, rv, True, 1e-5, "gelu", True, backend)
+    out, mean, var, preact = op.forward(*args)
+    fmt = output_memory_format(x)
+    want = (torch.contiguous_format if backend == "cpu" and dtype == torch.float32 else fmt)
+    assert out.is_contiguous(memory_format=fmt), f"out strides {out.stride()}"
+    assert preact.is_contiguous(memory_format=want), f"preact strides {preact.stride()}, expected {want}"
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        f_out, _, _, f_pre = op.forward(*fake)
+    assert f_out.stride() == out.stride() and f_pre.stride() == preact.stride()
+    g = torch.randn_like(out)
+    mask = [True] * 5
+    saved = op.backward(g, x, w, b, bw, mean, var, preact, True, 1e-5, "gelu", mask, backend)
+    recomputed = op.backward(g, x, w, b, bw, mean, var, x.new_empty(0), True, 1e-5, "gelu", mask, backend)
+    for name, s, r in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), saved, recomputed):
+        torch.testing.assert_close(s, r, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

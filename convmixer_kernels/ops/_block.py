@@ -26,7 +26,8 @@ the concrete layout of ``out`` and ``preact``, resolved by the functional API fr
 itself (no copy after the kernel); the compiled kernels
 ``{name}_forward_kernel`` take the same argument (csrc/extension.cpp). ``dw_block``'s
 schema has no such argument: its output is residual and follows x's layout
-(``_spec.output_memory_format``). The backward ops take ``grad_out`` and ``preact`` in
+(``_spec.output_memory_format``), as does its saved ``preact``, except on the ``cpu``
+backend in float32, where ``preact`` is NCHW (``preact_format``). The backward ops take ``grad_out`` and ``preact`` in
 any layout (they work in preact's layout, else grad_out's); the autograd formula hands
 them grad_out in the output's layout; ``dx`` follows x's layout.
 """
@@ -78,6 +79,15 @@ def _empty(x: Tensor, shape, fmt=torch.contiguous_format, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
+def preact_format(name: str, backend: str, x: Tensor, fmt: "torch.memory_format") -> "torch.memory_format":
+    """Layout of the saved pre-activation: the output's, except for the cpu depthwise block in
+    float32, which keeps it NCHW whatever x's layout (csrc/cpu/dw_block.cpp: cheaper to
+    write and read back than channels_last; only its backward reads it)."""
+    if name == "dw_block" and backend == "cpu" and x.dtype == torch.float32:
+        return torch.contiguous_format
+    return fmt
+
+
 def define(spec: BlockSpec) -> BlockOp:
     name = spec.name
 
@@ -110,7 +120,7 @@ def define(spec: BlockSpec) -> BlockOp:
         fmt = out_memory_format(fmt_backend[0]) if gemm else output_memory_format(x)
         shape = spec.out_shape(x, weight)
         c, sdt = weight.shape[0], stats_dtype(x)
-        preact = _empty(x, shape, fmt) if save_preact else _empty(x, (0,))
+        preact = _empty(x, shape, preact_format(name, fmt_backend[-1], x, fmt)) if save_preact else _empty(x, (0,))
         return _empty(x, shape, fmt), _empty(x, (c,), dtype=sdt), _empty(x, (c,), dtype=sdt), preact
 
     @bwd.register_fake

@@ -788,7 +788,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor wpack = pack_weights(weight, C, g.k, false);
   const std::vector<float> bpack = pad_channels(bias, C, Cpad);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
-  at::Tensor preact = save_preact ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  // The saved pre-activation is read only by backward_impl, which takes any strides: float32
+  // keeps it NCHW whatever x's layout (its rows go through the 8 x 8 transposing writer and
+  // reader; channels_last planes of C floats per pixel cost more to write and read back);
+  // other dtypes keep x's layout. The fake of dw_block_forward (ops/_block.py) says the same.
+  const auto zfmt = std::is_same<scalar_t, float>::value ? at::MemoryFormat::Contiguous : fmt;
+  at::Tensor preact = save_preact ? at::empty(x.sizes(), x.options().memory_format(zfmt)) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
   const int64_t blocks = Cpad / CB, HWC = HW * CB, gs = g.sub(), zs = g.zsub();
