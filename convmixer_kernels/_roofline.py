@@ -164,13 +164,30 @@ def _fma_rate_cuda(device: torch.device, time_ms: Callable[[Callable[[], object]
     return 2.0 * 4 * iters * out.numel() / (ms * 1e-3) / 1e12
 
 
+def _fma_rate_cpu(time_ms: Callable[[Callable[[], object]], float]) -> float | None:
+    """TFLOP/s of fp32 FMA chains in registers on every thread (the compiled extension's
+    ``_cpu_fma_chains``, on the widest vectors the cpu kernels use), or None without the
+    extension. torch's fp32 GEMM is no ceiling for the vector units: its BLAS may not use
+    the widest vectors a CPU has."""
+    from . import _cpp_lib
+
+    if _cpp_lib.status() is not None:
+        return None
+    _cpp_lib.load()
+    chains = torch.ops.convmixer_kernels._cpu_fma_chains
+    iters = 1 << 20
+    flops = float(chains(1)[0]) * iters  # FLOPs per call grow linearly with iters
+    return flops / (time_ms(lambda: chains(iters)) * 1e-3) / 1e12
+
+
 _PEAKS: dict[tuple[str, float], Peaks] = {}
 
 
 def measure_peaks(device: torch.device, budget_s: float) -> Peaks:
     """Measure the device's ceilings once per process: a large copy, a large matmul (bf16
-    on GPU, fp32 on CPU) and an FMA rate (GPU: a Triton FMA-chain kernel; CPU: the fp32
-    GEMM, which runs on the same vector FMA units). Each is the median of ``budget_s``
+    on GPU, fp32 on CPU) and an FMA rate (GPU: a Triton FMA-chain kernel; CPU: the
+    extension's FMA chains on every thread, or the fp32 GEMM's rate if higher or if the
+    extension is not built). Each is the median of ``budget_s``
     seconds of timing."""
     key = (str(device), budget_s)
     if key not in _PEAKS:
@@ -193,5 +210,9 @@ def _measure_peaks(device: torch.device, time_ms: Callable[[Callable[[], object]
     if cuda:
         fma, how = _fma_rate_cuda(device, time_ms), "copy 1 GiB; bf16 mm 8192^3; Triton fp32 FMA chains"
     else:
-        fma, how = matmul, "copy 128 MiB; fp32 mm 1024^3; FMA rate = fp32 mm rate (same vector units)"
+        chains = _fma_rate_cpu(time_ms)
+        if chains is None:
+            fma, how = matmul, "copy 128 MiB; fp32 mm 1024^3; FMA rate = fp32 mm rate (no extension)"
+        else:  # the higher of the two: both run on the vector FMA units
+            fma, how = max(matmul, chains), "copy 128 MiB; fp32 mm 1024^3; fp32 FMA chains (extension)"
     return Peaks(copy_gbps, matmul, fma, str(mm_dtype).replace("torch.", ""), how)
