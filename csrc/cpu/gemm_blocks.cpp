@@ -14,6 +14,9 @@
 //   channels_last output: z[n] (Ho*Wo, Cout) = P[n] (Ho*Wo, K) @ W^T   (one mm when x is
 //                         channels_last too, else a bmm over P's transposed views)
 //   NCHW output:          z[n] (Cout, Ho*Wo) = W (Cout, K) @ P^T[n] (K, Ho*Wo) (one bmm)
+// In float32 with a channels_last output the GEMMs run instead as ATen's convolution and
+// its backward (oneDNN) on a channels_last x (conv_gemm below: torch's BLAS may not use the
+// widest vectors of the CPU).
 // The backward kernels take grad_out and preact in any layout (they work in preact's
 // layout, else grad_out's) and write dx in x's layout.
 // Everything else is fused into passes over the GEMM output, chunked over contiguous
@@ -359,6 +362,22 @@ void gemm_forward(const Geom& g, const Tensor& P, const Tensor& Wm, const Tensor
   }
 }
 
+// The float32 channels_last GEMMs run as ATen convolutions instead (conv_gemm): on CPUs
+// where torch's BLAS does not use the widest vectors (seen on an AMD EPYC with AVX-512:
+// torch.mm at 0.2 TFLOP/s against 0.46 for oneDNN's channels_last 1x1 convolution, the
+// one eager PyTorch runs), they run at oneDNN's speed, and elsewhere at eager's. x is read
+// as a channels_last float32 tensor (itself when it is one, else one copy, the size of the
+// patch matrix the GEMM path copies). Other cases (NCHW outputs, float64) keep the GEMMs.
+bool conv_gemm(const Geom& g, at::ScalarType acc) { return acc == at::kFloat && g.out_cl; }
+
+Tensor conv_input(const Tensor& x) { return x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast); }
+
+// conv(x, w) without bias, stride p, as a channels_last float32 tensor (out-shaped).
+Tensor conv_forward(const Geom& g, const Tensor& xc, const Tensor& w) {
+  Tensor z = at::convolution(xc, w.to(at::kFloat), c10::nullopt, {g.p, g.p}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+  return z.contiguous(at::MemoryFormat::ChannelsLast);  // a no-op where oneDNN ran (it writes channels_last)
+}
+
 // ---- chunking of the fused passes ---------------------------------------------------
 
 // The out-shaped buffers are walked as contiguous chunks. Rows mode ((M, C) memory:
@@ -530,9 +549,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t C = g.Cout;
 
-  Tensor out = at::empty(out_sizes(g), x.options().memory_format(g.fmt));
-  Tensor buf = kSame ? out : at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
-  {
+  Tensor out, buf;
+  if (conv_gemm(g, acc)) {
+    buf = conv_forward(g, conv_input(x), weight);
+    out = kSame ? buf : at::empty(out_sizes(g), x.options().memory_format(g.fmt));
+  } else {
+    out = at::empty(out_sizes(g), x.options().memory_format(g.fmt));
+    buf = kSame ? out : at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
     Tensor P = patch_matrix(g, x, acc);
     Tensor Wm = weight_matrix(g, weight, acc);
     gemm_forward(g, P, Wm, buf);
@@ -689,12 +712,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const bool have_preact = preact.numel() > 0;
   Tensor dy = grad_out.contiguous(g.fmt);  // a copy only when grad_out is in another layout
   Tensor pre = have_preact ? preact.contiguous(g.fmt) : Tensor();
-  Tensor P, Wm, D;
-  if (!have_preact || need_dw) P = patch_matrix(g, x, acc);
-  if (!have_preact || need_dx) Wm = weight_matrix(g, weight, acc);
-  if (!have_preact) {
-    D = at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
-    gemm_forward(g, P, Wm, D);
+  const bool use_conv = conv_gemm(g, acc);
+  Tensor P, Wm, D, xc;
+  if (use_conv) {
+    if (!have_preact || need_dw) xc = conv_input(x);
+  } else {
+    if (!have_preact || need_dw) P = patch_matrix(g, x, acc);
+    if (!have_preact || need_dx) Wm = weight_matrix(g, weight, acc);
+  }
+  if (!have_preact) {  // z recomputed with the forward's GEMM: the same bits
+    if (use_conv) {
+      D = conv_forward(g, xc, weight);
+    } else {
+      D = at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
+      gemm_forward(g, P, Wm, D);
+    }
   } else if (need_dz) {
     D = at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
   }
@@ -909,6 +941,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   Tensor dbias = need_db ? per_channel_out(Sdz, weight.scalar_type()) : empty_x();
 
   Tensor dweight = empty_x(), dx = empty_x();
+  if (use_conv && (need_dw || need_dx)) {
+    // dx and dW from the convolution's backward (oneDNN's where the forward ran it). dx is
+    // zero outside the patches (rows and columns past Ho * p, Wo * p) by construction.
+    Tensor xin = xc.defined() ? xc : at::empty(x.sizes(), x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+    auto grads = at::convolution_backward(D, xin, weight.to(at::kFloat), c10::nullopt, {g.p, g.p}, {0, 0},
+                                          {1, 1}, false, {0, 0}, 1, {need_dx, need_dw, false});
+    xc = Tensor();
+    if (need_dw) {
+      dweight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+      dweight.copy_(std::get<1>(grads));
+    }
+    if (need_dx) {
+      const Tensor& gx = std::get<0>(grads);
+      if (kSame && gx.is_contiguous(g.in_fmt)) {
+        dx = gx;
+      } else {
+        dx = at::empty(x.sizes(), x.options().memory_format(g.in_fmt));
+        dx.copy_(gx);
+      }
+    }
+    return std::make_tuple(dx, dweight, dbias, dbn_weight, dbn_bias);
+  }
   if (need_dw) {
     // dW = sum_n dz[n] (C, HWo) @ P[n]^T (HWo, K)
     Tensor dW;
