@@ -311,3 +311,19 @@ def test_reductions_do_not_depend_on_thread_count(layout, training):
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", OPS)
+def test_convolution_path_without_onednn(op, training):
+    """float32 with a channels_last output runs its GEMMs as ATen convolutions (oneDNN where
+    enabled); with oneDNN turned off ATen takes its own convolution, and the kernels must still
+    match the reference (both GEMM routes: channels_last and NCHW outputs, by case)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        for case, shape in enumerate(SHAPES[op][:3]):
+            run_case(op, shape, torch.float32, "channels_last", training, case, case % 2 == 0,
+                     [MASKS[0], MASKS[2]])
+    finally:
+        torch.backends.mkldnn.enabled = enabled
