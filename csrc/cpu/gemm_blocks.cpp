@@ -14,9 +14,9 @@
 //   channels_last output: z[n] (Ho*Wo, Cout) = P[n] (Ho*Wo, K) @ W^T   (one mm when x is
 //                         channels_last too, else a bmm over P's transposed views)
 //   NCHW output:          z[n] (Cout, Ho*Wo) = W (Cout, K) @ P^T[n] (K, Ho*Wo) (one bmm)
-// In float32 with a channels_last output the GEMMs run instead as ATen's convolution and
-// its backward (oneDNN) on a channels_last x (conv_gemm below: torch's BLAS may not use the
-// widest vectors of the CPU).
+// In float32 with a channels_last output and a channels_last x (any x for patch_embed) the
+// GEMMs run instead as ATen's convolution and its backward (oneDNN) on a channels_last x
+// (conv_gemm below: torch's BLAS may not use the widest vectors of the CPU).
 // The backward kernels take grad_out and preact in any layout (they work in preact's
 // layout, else grad_out's) and write dx in x's layout.
 // Everything else is fused into passes over the GEMM output, chunked over contiguous
@@ -366,9 +366,11 @@ void gemm_forward(const Geom& g, const Tensor& P, const Tensor& Wm, const Tensor
 // where torch's BLAS does not use the widest vectors (seen on an AMD EPYC with AVX-512:
 // torch.mm at 0.2 TFLOP/s against 0.46 for oneDNN's channels_last 1x1 convolution, the
 // one eager PyTorch runs), they run at oneDNN's speed, and elsewhere at eager's. x is read
-// as a channels_last float32 tensor (itself when it is one, else one copy, the size of the
-// patch matrix the GEMM path copies). Other cases (NCHW outputs, float64) keep the GEMMs.
-bool conv_gemm(const Geom& g, at::ScalarType acc) { return acc == at::kFloat && g.out_cl; }
+// as a channels_last float32 tensor: itself when it is one, else one copy, which the patch
+// embedding's GEMM path makes anyway (its patch matrix). pw_block with an NCHW x keeps the
+// GEMMs (there the copy cost more than oneDNN gained: 0.89-0.96x in an A/B; the patch
+// embedding of NCHW images gained 1.36-1.61x), as do NCHW outputs and float64.
+bool conv_gemm(const Geom& g, at::ScalarType acc) { return acc == at::kFloat && g.out_cl && (g.in_cl || g.p > 1); }
 
 Tensor conv_input(const Tensor& x) { return x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast); }
 
