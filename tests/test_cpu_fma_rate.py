@@ -2,12 +2,11 @@
 fma_rate.cpp) and its use by ``_roofline.measure_peaks`` on CPU."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from convmixer_kernels import _cpp_lib, _roofline
+from convmixer_kernels._timing import median_ms
 
 _REASON = _cpp_lib.status()
 if _REASON is not None:
@@ -57,14 +56,8 @@ def test_bad_iters(iters):
 def test_cpu_peaks_use_the_chains():
     """measure_peaks on CPU: the FMA rate is the chains' (at least the GEMM's), named in
     peaks_how, and positive."""
-    peaks = _roofline._measure_peaks(torch.device("cpu"), lambda f: _time_ms(f))
+    cpu = torch.device("cpu")
+    peaks = _roofline._measure_peaks(cpu, median_ms(cpu, 0.05))
     assert "FMA chains" in peaks.how
     assert peaks.fma_tflops >= peaks.matmul_tflops > 0
 
-
-def _time_ms(f) -> float:
-    import time
-    f()
-    t0 = time.perf_counter()
-    f()
-    return (time.perf_counter() - t0) * 1e3

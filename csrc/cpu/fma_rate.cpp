@@ -92,20 +92,15 @@ at::Tensor fma_chains(int64_t iters) {
   }
 #endif
 #endif
+  // One set of chains per pool thread (parallel_for covers every index, so all of them run).
   const int64_t threads = at::get_num_threads();
   std::vector<double> sums(threads, 0.0);
-  std::vector<char> ran(threads, 0);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      sums[t] = run(iters, static_cast<int>(t));
-      ran[t] = 1;
-    }
+    for (int64_t t = begin; t < end; ++t) sums[t] = run(iters, static_cast<int>(t));
   });
-  double flops = 0.0, checksum = 0.0;
-  for (int64_t t = 0; t < threads; ++t) {
-    flops += ran[t] ? 2.0 * static_cast<double>(iters) * kChains * lanes : 0.0;
-    checksum += sums[t];
-  }
+  const double flops = 2.0 * static_cast<double>(iters) * kChains * lanes * static_cast<double>(threads);
+  double checksum = 0.0;
+  for (double v : sums) checksum += v;
   at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
   out[0] = flops;
   out[1] = checksum;
