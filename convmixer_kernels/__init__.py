@@ -5,7 +5,8 @@ load them on first use. See README.md for the API.
 """
 from . import backends, reference
 from .backends import BACKEND_NAMES, BackendUnavailable, available_backends
-from .convert import FusedSequential, convert, convert_sync_batchnorm, set_backend, set_memory_saving
+from .convert import (ConvertReport, FusedSequential, convert, convert_sync_batchnorm, set_backend,
+                      set_memory_saving, unconvert)
 from .functional import dw_block, patch_embed, pw_block
 from .modules import (ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock,
                       convmixer_768_32, convmixer_1024_20_ks9_p14, convmixer_1536_20)
@@ -16,6 +17,7 @@ __all__ = [
     "dw_block", "pw_block", "patch_embed",
     "DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer",
     "convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14",
-    "convert", "set_backend", "set_memory_saving", "convert_sync_batchnorm", "FusedSequential",
+    "convert", "unconvert", "ConvertReport", "set_backend", "set_memory_saving",
+    "convert_sync_batchnorm", "FusedSequential",
     "backends", "reference", "BACKEND_NAMES", "BackendUnavailable", "available_backends",
 ]

@@ -12,14 +12,31 @@ import torch
 from torch import Tensor
 
 from . import _activations
-from ._spec import BlockSpec
+from .spec import BlockSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def _finite(v) -> bool:
+    """math.isfinite, except for values traced by torch.compile (dynamic=True makes float
+    attributes such as a BatchNorm's momentum and eps symbolic: no bool to branch on)."""
+    return isinstance(v, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling() \
+        or math.isfinite(v)
 
 
 def _tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor "
+                        "(run the tensors of a nested batch one by one, or pad them)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout} "
+                        "(convert it with .to_dense())")
+    if t.is_quantized:
+        raise TypeError(f"{name}: expected a floating-point tensor, got a quantized tensor "
+                        f"({t.dtype}; convert it with .dequantize())")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got {t.dtype}")
@@ -49,8 +66,8 @@ def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tens
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
-    if (n == 0 and not local_batch) or c == 0 or h == 0 or w == 0:
-        raise ValueError(f"x: every dimension of (N, C, H, W) must be >= 1, got {tuple(x.shape)}")
+    if c == 0 or h == 0 or w == 0:  # N = 0 is an empty batch, as the stock modules take it
+        raise ValueError(f"x: C, H and W must be >= 1, got {tuple(x.shape)}")
     weight = _tensor("weight", weight)
     if weight.dim() != 4:
         raise ValueError(f"weight: expected a 4-D conv weight, got shape {tuple(weight.shape)}")
@@ -82,6 +99,12 @@ def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tens
                              f"got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device ({x.device}), got {t.device}")
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:  # as F.batch_norm (native_batch_norm) raises
+                raise RuntimeError(f"{name}: requires grad, but BatchNorm is not differentiable "
+                                   "with respect to its running statistics; this input cannot "
+                                   "have requires_grad=True")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias: expected x's dtype {x.dtype}, got {bias.dtype}")
     if (running_mean is None) != (running_var is None):
@@ -94,14 +117,17 @@ def block_inputs(spec: BlockSpec, x: object, weight: object, bias: Optional[Tens
     if isinstance(momentum, Tensor):
         if momentum.numel() != 1:
             raise ValueError(f"momentum: expected a scalar, got a tensor of shape {tuple(momentum.shape)}")
-    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
+    elif isinstance(momentum, bool) or not isinstance(momentum, _NUMBER) or not _finite(momentum):
         raise TypeError(f"momentum: expected a finite float (use the modules for momentum=None), "
                         f"got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, _NUMBER) or not _finite(eps):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    elif eps <= 0:  # F.batch_norm raises ValueError("batch_norm eps must be positive")
+        raise ValueError(f"eps: expected a finite float > 0 (batch_norm eps must be positive), "
+                         f"got {eps!r}")
     if training and not local_batch:
         ho, wo = spec.out_shape(x, weight)[2:]
-        if n * ho * wo <= 1:
+        if n * ho * wo == 1:  # as F.batch_norm: an empty batch (0 values) is fine
             raise ValueError(f"x: training-mode BatchNorm needs more than one value per channel, "
                              f"got N*H*W = {n * ho * wo} (input shape {tuple(x.shape)})")
 

@@ -12,7 +12,7 @@ and two training options, set per module or on a whole model:
   per-channel statistics for backward, recompute the pre-activation there;
 - ``sync_bn`` and ``process_group`` (``convert_sync_batchnorm``): synchronized
   BatchNorm across the ranks of ``process_group`` (None: the default group), as
-  ``nn.SyncBatchNorm``; see ``convmixer_kernels._sync``.
+  ``nn.SyncBatchNorm``; see ``convmixer_kernels.distributed``.
 
 The modules with a pointwise or patch GEMM (``PointwiseBlock``, ``PatchEmbed``,
 ``ConvMixerLayer``'s pointwise part) also have ``memory_format``, their output layout:
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _activations, backends, functional
-from .ops import layer as _layer_op
 from ._ranges import block_range
+from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, resolve_out_format, out_memory_format
 
 __all__ = ["DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer"]
 
@@ -50,11 +50,138 @@ class OutputLayout:
     memory_format: Optional[torch.memory_format] = torch.channels_last
 
 
+_SPEC_OF = {functional.dw_block: DW_BLOCK, functional.pw_block: PW_BLOCK,
+            functional.patch_embed: PATCH_EMBED}
+
+# The global module hooks (torch.nn.modules.module.register_module_forward_hook & co.):
+# the dicts are created once and filled in place, so holding them here is a cheap check.
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks"))
+_GF, _GFP, _GB, _GBP = _GLOBAL_HOOKS
+_FX_PROXY = torch.fx.Proxy
+_ACT_TYPES = (nn.GELU, nn.ReLU)  # the activations the fused ops compute (_activations)
+_STRIDED = torch.strided
+_FX = "torch.fx symbolic tracing"
+_JIT = "torch.jit tracing or scripting"
+_ONNX = "torch.onnx.export"
+_UNUSUAL = "a sparse, mkldnn, nested or quantized input (the stock modules decide)"
+# Reasons whose stock call returns exactly what the stock modules return (no relayout to
+# the block's output layout): the tracers record the stock graph; unusual tensors have
+# no memory format to change.
+_AS_STOCK = frozenset((_FX, _JIT, _ONNX, _UNUSUAL))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why this call must run the stock child modules ``bn(act(conv(x)))`` instead of the
+    fused op, or None (run the fused op). The rule, in order:
+
+    1. an inner module is not the exact stock class the fused op computes: a
+       parametrized conv or BN (``torch.nn.utils.parametrize``), a subclass (say
+       ``nn.SyncBatchNorm`` swapped in after ``convert``), an activation other than
+       ``nn.GELU``/``nn.ReLU``;
+    2. an inner module has forward, forward-pre, backward or backward-pre hooks
+       (``spectral_norm``, ``weight_norm`` and ``prune`` work through forward-pre hooks),
+       or global module hooks are registered (``register_module_forward_hook`` & co.);
+    3. a tracer that cannot see the custom ops is running: ``torch.fx`` (a Proxy input),
+       ``torch.jit.trace``, ``torch.onnx.export`` (both exporters; ``torch.export`` on
+       its own and ``torch.compile`` keep the fused ops);
+    4. the input is one the fused kernels do not take but the stock modules handle
+       (or reject) themselves: an empty tensor (N = 0), a sparse, mkldnn, nested or
+       quantized tensor.
+
+    A few attribute reads on the fast path (the never-slower budget)."""
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+        for m in (conv, bn):
+            if "parametrizations" in m._modules:
+                return f"{type(m).__name__} is parametrized (torch.nn.utils.parametrize)"
+        return (f"an inner module is a subclass ({type(conv).__name__}, {type(bn).__name__}), "
+                "not the stock nn.Conv2d/nn.BatchNorm2d")
+    if type(act) not in _ACT_TYPES:
+        return f"the activation {type(act).__name__} is not one the fused ops compute"
+    if (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+            or conv._backward_pre_hooks or act._forward_hooks or act._forward_pre_hooks
+            or act._backward_hooks or act._backward_pre_hooks or bn._forward_hooks
+            or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks):
+        return "an inner module has hooks (forward/backward hooks, spectral_norm, prune)"
+    if _GF or _GFP or _GB or _GBP:
+        return "global module hooks are registered"
+    if isinstance(x, _FX_PROXY):
+        return _FX
+    if torch.jit.is_tracing():  # the legacy ONNX exporter traces with it too
+        return _JIT
+    # The dynamo ONNX exporter runs torch.export; torch.export alone keeps the fused ops.
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        return _ONNX
+    if not isinstance(x, Tensor):
+        return None  # the functional API rejects it with its message
+    if x.layout is not _STRIDED or x.is_nested or x.is_quantized:
+        return _UNUSUAL
+    if x.numel() == 0:
+        return "an empty input (N = 0)"
+    return None
+
+
+def _stock_path(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
+                owner: FusedOptions, layout: dict) -> bool:
+    """Whether this call runs the stock child modules (the ``native`` backend chosen for
+    this input: explicitly, or by ``auto``'s tuning table)."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.is_nested or x.layout != torch.strided:
+        return False
+    if owner.sync_bn or torch.compiler.is_compiling():
+        # under torch.compile the functional API runs the same composite (F.conv2d, act,
+        # F.batch_norm): tracing the stock child modules of a ConvMixerLayer gave wrong
+        # running statistics for its depthwise block under aot_eager (torch 2.11)
+        return False
+    w = conv.weight
+    if x.shape[1] != conv.in_channels or x.dtype != w.dtype or x.device != w.device or x.numel() == 0:
+        return False  # the functional API raises its error naming the argument
+    if not (isinstance(bn.eps, float) and 0 < bn.eps < float("inf")):
+        return False
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    activation = _activations.name_of(act)
+    try:
+        name = backends.resolve(owner.backend, spec.name, x, "train" if training or needs_grad else "eval",
+                                activation or "gelu", conv.kernel_size[0], conv.out_channels)
+    except (ValueError, TypeError, backends.BackendUnavailable):
+        return False  # the functional API raises the error with its message
+    return getattr(backends.get(name), "runs_composite", False)
+
+
+def _run_stock(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
+               layout: Optional[dict]) -> Tensor:
+    """``bn(act(conv(x)))`` (+ x) by the stock modules themselves (their hooks and
+    parametrizations included), in the block's output layout (``layout`` None: as the
+    stock modules return it)."""
+    y = bn(act(conv(x)))
+    if spec.residual:
+        return y + x  # timm's and the paper's Residual: fn(x) + x
+    if layout is None:
+        return y
+    fmt = out_memory_format(resolve_out_format(layout.get("memory_format", torch.channels_last), x))
+    return y.contiguous(memory_format=fmt)
+
+
 def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
               bn: nn.BatchNorm2d, owner: FusedOptions, **layout: Any) -> Tensor:
     """Run ``bn(act(conv(x)))`` (plus the residual for ``dw_block``) as one fused op,
     with nn.BatchNorm2d's bookkeeping (mirrors its ``forward``) and ``owner``'s options
-    (``layout``: ``memory_format=`` for the GEMM blocks)."""
+    (``layout``: ``memory_format=`` for the GEMM blocks). The stock child modules run
+    instead, ``bn(act(conv(x)))`` (+ x), where ``_stock_reason`` names a reason (hooks,
+    parametrizations, tracers, empty or unusual inputs) and where the backend chosen for
+    this input is ``native`` (the same maths, bookkeeping and cost as the stock model)."""
+    spec = _SPEC_OF[fn]
+    reason = _stock_reason(x, conv, act, bn)
+    if reason is not None:
+        return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
+    if _stock_path(spec, x, conv, act, bn, owner, layout):
+        return _run_stock(spec, x, conv, act, bn, layout)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -97,7 +224,10 @@ class DepthwiseBlock(FusedOptions, nn.Module):
             self.backend = backends.check_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_fused(functional.dw_block, x, self.fn[0], self.fn[1], self.fn[2], self)
+        fn = self.fn
+        if _hooked(fn):  # hooks on the Sequential itself: call it, as timm's Residual does
+            return fn(x) + x
+        return run_fused(functional.dw_block, x, fn[0], fn[1], fn[2], self)
 
 
 class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
@@ -172,11 +302,56 @@ class ConvMixerLayer(FusedOptions, OutputLayout, nn.Sequential):
     layer_fusion: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.layer_fusion and _layer_op.layer_blocker(self, x) is None:
-            return _layer_op.layer_module_eval(self, x)
+        if self.layer_fusion and layer_blocker(self, x) is None:
+            return layer_module_eval(self, x)
         x = self[0](x)
         return run_fused(functional.pw_block, x, self[1], self[2], self[3], self,
                          memory_format=self.memory_format)
+
+
+def _layer_children(layer: nn.Module):
+    """(dw conv, act1, bn1, pw conv, act2, bn2) of a ConvMixerLayer (timm's child layout)."""
+    dw = layer[0].fn
+    return dw[0], dw[1], dw[2], layer[1], layer[2], layer[3]
+
+
+def layer_blocker(layer: nn.Module, x: Tensor) -> Optional[str]:
+    """None when ``layer_module_eval(layer, x)`` computes what ``layer``'s two fused ops
+    would, with the triton backend; else why not (the caller runs the two blocks)."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return "x is not a 4-D tensor"
+    dwconv, act1, bn1, pwconv, act2, bn2 = _layer_children(layer)
+    if bn1.training or bn2.training:
+        return "training mode (batch statistics)"
+    if bn1.running_mean is None or bn2.running_mean is None:
+        return "a BatchNorm has no running statistics"
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in layer.parameters())):
+        return "grad mode with inputs or parameters that require grad"
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled"
+    if _activations.name_of(act1) is None or _activations.name_of(act2) is None:
+        return "an activation module is neither nn.GELU nor nn.ReLU"
+    try:
+        chosen = {backends.resolve(layer[0].backend, "dw_block", x),
+                  backends.resolve(layer.backend, "pw_block", x)}
+    except backends.BackendUnavailable as e:
+        return str(e)
+    if chosen != {"triton"}:
+        return f"the blocks run on backend(s) {sorted(chosen)}, not triton"
+    return None
+
+
+def layer_module_eval(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` for a ``ConvMixerLayer`` in eval mode by one ``layer_eval`` call with
+    the triton backend (check ``layer_blocker(layer, x)`` first)."""
+    dwconv, act1, bn1, pwconv, act2, bn2 = _layer_children(layer)
+    with block_range(functional.layer_eval):  # a profiler range, as the blocks have
+        return functional.layer_eval(
+            x, dwconv.weight, dwconv.bias, bn1.weight, bn1.bias, bn1.running_mean,
+            bn1.running_var, pwconv.weight, pwconv.bias, bn2.weight, bn2.bias, bn2.running_mean,
+            bn2.running_var, eps1=bn1.eps, eps2=bn2.eps, act1=_activations.name_of(act1),
+            act2=_activations.name_of(act2), backend="triton", memory_format=layer.memory_format)
 
 
 class ConvMixer(nn.Module):
