@@ -3,7 +3,7 @@
     pytest benchmarks --benchmark-only [--benchmark-json out.json]
 
 Shapes and providers come from the registry the CLI uses
-(``convmixer_kernels._bench_cases``): the quick ``ops`` cases of the current device
+(``convmixer_kernels.tools.cases``): the quick ``ops`` cases of the current device
 (cuda if available), every mode, our available backends (not ``triton`` on CPU) and the
 eager baselines; ``CONVMIXER_BENCH_COMPILE=1`` adds ``torch.compile``. The repository's
 normal ``pytest`` run (testpaths = tests) does not collect this file.
@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from convmixer_kernels._bench_cases import MODES, case_set, our_providers
-from convmixer_kernels._bench_steps import build
-from convmixer_kernels._roofline import l2_cache_bytes
+from convmixer_kernels.tools.cases import MODES, case_set, our_providers
+from convmixer_kernels.tools.steps import build
+from convmixer_kernels.tools.roofline import l2_cache_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

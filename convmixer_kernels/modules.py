@@ -321,6 +321,9 @@ def layer_blocker(layer: nn.Module, x: Tensor) -> Optional[str]:
     if not isinstance(x, Tensor) or x.dim() != 4:
         return "x is not a 4-D tensor"
     dwconv, act1, bn1, pwconv, act2, bn2 = _layer_children(layer)
+    reason = _stock_reason(x, dwconv, act1, bn1) or _stock_reason(x, pwconv, act2, bn2)
+    if reason is not None or _hooked(layer[0]) or _hooked(layer[0].fn):
+        return reason or "the depthwise block has hooks"
     if bn1.training or bn2.training:
         return "training mode (batch statistics)"
     if bn1.running_mean is None or bn2.running_mean is None:

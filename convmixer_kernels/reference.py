@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _activations
-from ._spec import (DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, out_memory_format,
+from .spec import (DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, out_memory_format,
                     output_memory_format, stats_dtype)
 
 __all__ = ["dw_block", "pw_block", "patch_embed", "forward", "backward"]

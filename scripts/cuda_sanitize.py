@@ -18,7 +18,7 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels import _cpp_lib, reference
-from convmixer_kernels._spec import DW_BLOCK
+from convmixer_kernels.spec import DW_BLOCK
 
 CASES = [((2, 19, 9, 13), 5), ((1, 3, 32, 32), 3), ((2, 17, 33, 5), 9), ((3, 8, 1, 1), 7),
          ((1, 5, 40, 37), 31), ((2, 24, 16, 16), 13)]

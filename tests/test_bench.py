@@ -1,4 +1,4 @@
-"""Tests of the benchmark (convmixer_kernels.bench) and its CLI, on CPU with tiny shapes.
+"""Tests of the benchmark (convmixer_kernels.tools.bench) and its CLI, on CPU with tiny shapes.
 
 The tiny run below covers every op, the CIFAR model and every mode once; torch.compile
 is left out (its first compile on a 2-core CPU takes longer than this whole file)."""
@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from convmixer_kernels import _bench_cases, bench
-from convmixer_kernels._roofline import model_cost, op_cost
+from convmixer_kernels.tools import bench
+from convmixer_kernels.tools import cases as _bench_cases
+from convmixer_kernels.tools.roofline import model_cost, op_cost
 
 TINY = ["--device", "cpu", "--batch", "2", "--dim", "8", "--size", "8", "--kernel-size", "3",
         "--image-size", "14", "--patch-size", "7", "--min-run-time", "0.01", "--threads", "1"]
@@ -54,7 +55,7 @@ def test_every_requested_row_present(rows):
 def test_provider_input_layout(provider, channels_last):
     """fused_<b>_cl times the fused module on channels_last inputs (and weights), as
     eager_channels_last does; fused_<b> gets NCHW inputs, as eager_nchw."""
-    from convmixer_kernels._bench_steps import build
+    from convmixer_kernels.tools.steps import build
 
     case = next(c for c in _bench_cases.case_set("cpu", "ops", quick=True) if c.op == "dw_block")
     case = case.with_overrides(batch=2, dim=8, size=8, kernel_size=3)
@@ -266,14 +267,14 @@ def test_bad_argument(bad, capsys):
 
 
 def test_cli_needs_subcommand(capsys):
-    from convmixer_kernels.__main__ import main
+    from convmixer_kernels.tools.cli import main
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code != 0 and "COMMAND" in capsys.readouterr().err
 
 
 def test_bench_entry_matches_cli(monkeypatch, capsys):
-    from convmixer_kernels.__main__ import bench_entry
+    from convmixer_kernels.tools.cli import bench_entry
     monkeypatch.setattr(sys, "argv", ["convmixer-bench", *TINY, "--ops", "patch_embed", "--modes", "eval",
                                       "--no-csv"])
     assert bench_entry() == 0
@@ -281,7 +282,7 @@ def test_bench_entry_matches_cli(monkeypatch, capsys):
 
 
 def test_import_does_not_load_triton():
-    code = ("import sys, convmixer_kernels.bench, convmixer_kernels.__main__, convmixer_kernels.profile; "
+    code = ("import sys, convmixer_kernels.tools.bench, convmixer_kernels.__main__, convmixer_kernels.tools.profile; "
             "print('triton' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr

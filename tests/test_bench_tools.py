@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import convmixer_kernels as ck
-from convmixer_kernels import _paper, _report, bench
-from convmixer_kernels.__main__ import main
+from convmixer_kernels.tools import bench
+from convmixer_kernels.tools import paper as _paper
+from convmixer_kernels.tools import report as _report
+from convmixer_kernels.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--batch", "2", "--dim", "8", "--size", "8", "--kernel-size", "3",
@@ -130,7 +132,7 @@ def test_microbenchmarks_share_the_registry_and_stay_out_of_the_test_run():
                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = [ln for ln in proc.stdout.splitlines() if "test_microbench[" in ln]
-    from convmixer_kernels._bench_cases import MODES, case_set, our_providers
+    from convmixer_kernels.tools.cases import MODES, case_set, our_providers
     device = torch.device("cpu")
     expected = sum(len(our_providers(c, device, torch.float32, None)) + 2
                    for c in case_set("cpu", "ops", quick=True)) * len(MODES)

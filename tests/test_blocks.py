@@ -14,7 +14,7 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels._activations import ACTIVATIONS
-from convmixer_kernels._spec import output_memory_format
+from convmixer_kernels.spec import output_memory_format
 
 from conftest import (LAYOUTS, assert_close_to_oracle, backends_under_test, eager_copy,
                       grads_of, has_cuda, make_input, randomize_)

@@ -25,7 +25,7 @@ import torch
 import convmixer_kernels as ck
 from convmixer_kernels import _cpp_lib, backends, reference
 from convmixer_kernels._activations import ACTIVATIONS
-from convmixer_kernels._spec import (SPECS, out_format_name, out_memory_format,
+from convmixer_kernels.spec import (SPECS, out_format_name, out_memory_format,
                                      output_memory_format, stats_dtype)
 
 _reason = _cpp_lib.status()
@@ -262,7 +262,7 @@ def test_no_grad_forward_saves_no_preact():
 def test_bad_input_messages(op):
     kernel = getattr(torch.ops.convmixer_kernels, f"{op}_forward_kernel")
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 2, 2)
-    if op == "pw_block":  # shapes are formatted into the message (csrc/shape_str.h)
+    if op == "pw_block":  # shapes are formatted into the message (csrc/common/shape_str.h)
         with pytest.raises(RuntimeError, match=r"weight.*got \[4, 3, 2, 2\]"):
             kernel(x, w, None, None, None, None, None, True, 1e-5, "gelu", False, "contiguous")
         w = torch.randn(4, 3, 1, 1)

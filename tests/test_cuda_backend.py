@@ -13,7 +13,7 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels import _cpp_lib, reference
-from convmixer_kernels._spec import DW_BLOCK, output_memory_format
+from convmixer_kernels.spec import DW_BLOCK, output_memory_format
 
 from conftest import assert_close_to_oracle, has_cuda, make_input
 

@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import convmixer_kernels as ck
 from convmixer_kernels import functional, reference
-from convmixer_kernels._spec import out_memory_format, output_memory_format
+from convmixer_kernels.spec import out_memory_format, output_memory_format
 from convmixer_kernels.ops import BLOCK_OPS
 
 from conftest import LAYOUTS, assert_close_to_oracle, backends_under_test, make_input
@@ -231,7 +231,7 @@ LAYER_BACKENDS = [b for b in ("triton", "reference")
 def test_layer_eval_layout(backend, layout, fmt):
     """The fused eval layer writes the pointwise block's layout (channels_last by default)
     and equals the two-op path."""
-    from convmixer_kernels.ops.layer import layer_eval
+    from convmixer_kernels.functional import layer_eval
     c, k = 4, 3
     x = make_input((2, c, 5, 6), torch.float32, layout)
     dw = dict(dw_weight=torch.randn(c, 1, k, k), dw_bias=torch.randn(c),

@@ -52,17 +52,17 @@ except ck.BackendUnavailable as e:
     assert "could not be imported" in r.stdout
 
 
-def test_auto_logs_fallback_once(caplog):
-    backends._logged.clear()
-    # float64: no compiled CPU kernel takes it, so auto falls back to reference
+def test_explain_says_what_runs_and_why():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    w = torch.randn(3, 1, 3, 3, dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="convmixer_kernels"):
-        for _ in range(3):
-            ck.dw_block(x, w, training=True, backend="auto")
-    skipped = [n for n in backends.AUTO_ORDER["cpu"] if n != "reference"]
-    lines = [r for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(lines) == len(skipped) and len(lines) >= 1
+    e = backends.explain(x, "dw_block", mode="train", k=3)
+    assert e["chosen"] in backends.names() and e["why"]
+    # no compiled CPU kernel takes float64: the cpu backend says why
+    assert "float64" in e["backends"]["cpu"]
+    assert e["backends"]["reference"] == "available"
+    with pytest.raises(TypeError, match="x: expected an input tensor"):
+        backends.explain("cpu", "dw_block")
+    with pytest.raises(ValueError, match="op:"):
+        backends.explain(x, "nope")
 
 
 def test_env_var_selects_backend(monkeypatch):
@@ -76,7 +76,7 @@ def test_env_var_selects_backend(monkeypatch):
 
 
 def test_explain_lists_every_backend():
-    status = backends.explain("cpu")
+    status = backends.explain(torch.randn(1, 2, 3, 3))["backends"]
     assert set(status) == set(ck.BACKEND_NAMES)
     assert status["reference"] == "available"
     assert all(v == "available" or len(v) > 10 for v in status.values())
@@ -90,7 +90,7 @@ def test_extension_built_against_this_torch():
 
 
 def test_extension_cpu_kernel_and_opcheck():
-    _cpp_lib.load()
+    _cpp_lib.load_testing()  # _axpb is a test op, in convmixer_kernels._C_testing
     x = torch.randn(1000)
     torch.testing.assert_close(torch.ops.convmixer_kernels._axpb(x, 2.5, -1.0), 2.5 * x - 1.0)
     torch.library.opcheck(torch.ops.convmixer_kernels._axpb.default, (x, 2.0, 1.0),
@@ -114,5 +114,60 @@ def test_cuda_sources_were_compiled_when_toolkit_present():
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
 def test_extension_cuda_kernel():
+    _cpp_lib.load_testing()
     x = torch.randn(100_000, device="cuda")
     torch.testing.assert_close(torch.ops.convmixer_kernels._axpb(x, 2.5, -1.0), 2.5 * x - 1.0)
+
+
+def test_library_never_imports_tools():
+    """The tools (bench, tune, profile, info) sit above the library: no module outside
+    convmixer_kernels/tools imports from it."""
+    import ast
+    import pathlib
+    root = pathlib.Path(ck.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("tools",) or rel.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+                if node.level:  # relative: resolve against the file's package
+                    base = ".".join(("convmixer_kernels",) + rel.parts[:-1][:len(rel.parts) - node.level])
+                    names = [f"{base}.{n}".rstrip(".") for n in names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith("convmixer_kernels.tools") or ".tools" in n.split("convmixer_kernels", 1)[-1][:7]
+                   for n in names):
+                offenders.append(f"{rel}: {ast.dump(node)[:80]}")
+    assert not offenders, offenders
+
+
+def test_registry_is_open():
+    """A backend object registered under a new name runs the ops when asked for."""
+    from convmixer_kernels.backends.reference import ReferenceBackend
+
+    class Mine(ReferenceBackend):
+        name = "mine"
+        priority = 10_000
+        calls = 0
+
+        def block_forward(self, spec, *args):
+            Mine.calls += 1
+            return super().block_forward(spec, *args)
+
+    backends.register(Mine())
+    try:
+        x = torch.randn(2, 3, 5, 5)
+        w = torch.randn(3, 1, 3, 3)
+        out = ck.dw_block(x, w, training=True, backend="mine")
+        torch.testing.assert_close(out, ck.dw_block(x, w, training=True, backend="reference"))
+        assert Mine.calls == 1
+        assert "mine" in backends.names()
+    finally:
+        backends.unregister("mine")
+    with pytest.raises(ValueError, match="backend"):
+        ck.dw_block(torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), training=True, backend="mine")

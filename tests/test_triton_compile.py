@@ -1,7 +1,7 @@
 """Ahead-of-time GPU compile check of the Triton kernels (no GPU needed).
 
 Every kernel variant the package launches for the benchmark shapes is compiled for
-sm_90 (and the headline shapes for sm_80) by ``python -m convmixer_kernels._triton.variants``;
+sm_90 (and the headline shapes for sm_80) by ``python -m convmixer_kernels.tools.triton_variants``;
 a kernel that does not compile for the GPU fails this test. Runs in subprocesses because the
 compile needs the real kernels, while this test session runs them under
 ``TRITON_INTERPRET=1``.
@@ -41,8 +41,8 @@ SM90_SCOPE = [] if os.environ.get("CONVMIXER_KERNELS_COMPILE_ALL") == "1" else [
 def test_launched_variants_compile(arch, scope, tmp_path):
     """sm_90 (the H100/H200 the package targets) and sm_80: the headline shape of each op
     in every dtype, layout and mode (every variant with CONVMIXER_KERNELS_COMPILE_ALL=1);
-    ``python -m convmixer_kernels._triton.variants --arch 90,80`` checks everything."""
-    proc = _run(["-m", "convmixer_kernels._triton.variants", "--arch", arch, "--jobs", "2",
+    ``python -m convmixer_kernels.tools.triton_variants --arch 90,80`` checks everything."""
+    proc = _run(["-m", "convmixer_kernels.tools.triton_variants", "--arch", arch, "--jobs", "2",
                  *scope], tmp_path)
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -53,7 +53,7 @@ def test_launched_variants_compile(arch, scope, tmp_path):
 
 def test_collector_sees_every_depthwise_kernel(tmp_path):
     code = textwrap.dedent("""
-        from convmixer_kernels._triton import variants
+        from convmixer_kernels.tools import triton_variants as variants
         print(sorted({v.name for v in variants.collect(quick=True)}))
     """)
     proc = _run(["-c", code], tmp_path, timeout=300)
@@ -61,21 +61,21 @@ def test_collector_sees_every_depthwise_kernel(tmp_path):
     names = eval(proc.stdout.strip().splitlines()[-1])
     assert {"_fwd", "_norm", "_bwd_elem", "_dgrad", "_wgrad"} <= set(names)
     code = textwrap.dedent("""
-        from convmixer_kernels._triton import variants
+        from convmixer_kernels.tools import triton_variants as variants
         print(sorted({v.kernel.fn.__module__ for v in variants.collect(quick=True)}))
     """)
     proc = _run(["-c", code], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     modules = eval(proc.stdout.strip().splitlines()[-1])
-    assert {"convmixer_kernels._triton.dw_block", "convmixer_kernels._triton._gemm",
-            "convmixer_kernels._triton.layer"} <= set(modules)
+    assert {"convmixer_kernels.backends.triton.dw_block", "convmixer_kernels.backends.triton._gemm",
+            "convmixer_kernels.backends.triton.layer"} <= set(modules)
 
 
 def test_collector_sees_the_fused_layer_in_both_layouts(tmp_path):
     """The fused eval layer at the headline shape (C = C_out = 1536, k = 9): bf16 in NCHW and
     channels_last, and fp16, fp32 (the --quick set that sm_80 compiles)."""
     code = textwrap.dedent("""
-        from convmixer_kernels._triton import variants
+        from convmixer_kernels.tools import triton_variants as variants
         vs = [v for v in variants.collect(quick=True)
               if v.kernel.fn.__module__.endswith("._triton.layer")]
         print([(dict(v.signature)["x_ptr"], dict(v.constexprs).get("sxc") == 1,
@@ -103,7 +103,7 @@ def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
         sys.path.insert(0, {str(tmp_path)!r})
         import torch
         from broken_kernel import broken
-        from convmixer_kernels._triton import variants
+        from convmixer_kernels.tools import triton_variants as variants
         v = variants._variant(broken, (torch.empty(4, device="meta"),), {{"BLOCK": 4}})
         variants._VARIANTS[:] = [v]
         index, arch, res = variants._compile_job((0, 90))

@@ -8,7 +8,7 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels import reference
-from convmixer_kernels._spec import DW_BLOCK
+from convmixer_kernels.spec import DW_BLOCK
 
 from conftest import assert_close_to_oracle, has_cuda
 
@@ -26,13 +26,13 @@ def _args(n=2, c=5, h=9, w=7, k=5, dtype=torch.float32, layout=torch.contiguous_
 
 
 def _fwd(args, training, save, act="gelu"):
-    return ck.backends.run_forward("triton", "dw_block", *args, training, 1e-5, act, save)
+    return ck.backends.get("triton").block_forward(DW_BLOCK, *args, training, 1e-5, act, save, None)
 
 
 def _bwd(g, args, stats, training, preact, mask, act="gelu"):
     x, wt, b, bnw = args[:4]
-    return ck.backends.run_backward("triton", "dw_block", g, x, wt, b, bnw, stats[0], stats[1],
-                                    preact, training, 1e-5, act, mask)
+    return ck.backends.get("triton").block_backward(DW_BLOCK, g, x, wt, b, bnw, stats[0], stats[1],
+                                                    preact, training, 1e-5, act, mask)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -85,7 +85,7 @@ def test_partial_output_masks(mask):
 def test_int64_offsets_path_matches(monkeypatch):
     """The int64-offset variant (taken when a tensor has 2**31 or more elements) computes
     the same results as the int32 one, forced here on a small input."""
-    from convmixer_kernels._triton import dw_block
+    from convmixer_kernels.backends.triton import dw_block
 
     args = _args(layout=torch.channels_last)
     ref = _fwd(args, True, True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from convmixer_kernels import backends
-from convmixer_kernels._spec import (out_format_name, out_memory_format,
+from convmixer_kernels.spec import (out_format_name, out_memory_format,
                                      output_memory_format, stats_dtype)
 
 from test_cpu_gemm_blocks import (MASKS, check, check_fresh, make_args, ref_backward,
@@ -128,7 +128,7 @@ def test_against_reference(op, dtype, layout, training):
 def test_image_gradient_only_when_asked():
     """patch_embed without the image gradient runs no dgrad GEMM and returns an empty dx;
     the weight gradient is the same as with it."""
-    from convmixer_kernels._triton import _gemm
+    from convmixer_kernels.backends.triton import _gemm
     args = args_for((2, 3, 13, 14, 8, 4), torch.float32, "nchw", True, 0)
     x, weight, bias, bn_w = args[:4]
     out, mean, var, z = triton().forward("patch_embed", *args, True, "channels_last")
@@ -154,7 +154,7 @@ def test_image_gradient_only_when_asked():
 def small_tiles(splits=3):
     """Force 16 x 16 x 16 tiles, grouped order over 2 row tiles, and ``splits`` row
     ranges in the weight gradient: many programs in every dimension."""
-    from convmixer_kernels._triton import _gemm
+    from convmixer_kernels.backends.triton import _gemm
     gemm = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4)
     elem = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
     return mock.patch.multiple(_gemm, gemm_config=lambda *a: dict(gemm),
@@ -181,7 +181,7 @@ def test_default_tiles_several_row_tiles(op):
 def test_int32_offsets(op):
     """The int32 offset variant (what a GPU runs below 2**31 elements; the interpreter
     takes the int64 one by default) computes the same."""
-    from convmixer_kernels._triton import _gemm
+    from convmixer_kernels.backends.triton import _gemm
     if _gemm.interpreting():
         x, weight = args_for(SHAPES[op][0], torch.float32, "nchw", True, 0)[:2]
         assert _gemm.use_int64(_gemm.Geometry(x, weight, torch.channels_last))
@@ -223,7 +223,7 @@ def test_host_code_runs_on_meta_tensors(gpu_configs):
     """Forward and backward on meta tensors with the launch recorder set (no data-dependent
     host logic, every launch recorded); with the GPU tile choices the variants of a whole
     training step stay few and every tile dim is a power of two >= 16."""
-    from convmixer_kernels._triton import _common, _gemm
+    from convmixer_kernels.backends.triton import _common, _gemm
     seen = []
 
     def record(kernel, grid, args, meta):

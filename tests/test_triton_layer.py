@@ -17,8 +17,9 @@ import torch
 
 import convmixer_kernels as ck
 from convmixer_kernels import backends, functional, reference
-from convmixer_kernels.ops.layer import (layer_blocker, layer_eval, layer_eval_op,
-                                         layer_module_eval)
+from convmixer_kernels.functional import layer_eval
+from convmixer_kernels.modules import layer_blocker, layer_module_eval
+from convmixer_kernels.ops import layer_eval_op
 
 from conftest import assert_close_to_oracle, make_input, randomize_
 
@@ -116,7 +117,7 @@ def test_matches_two_op_path_and_reference(case):
 
 
 def small_tiles():
-    from convmixer_kernels._triton import layer
+    from convmixer_kernels.backends.triton import layer
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4)
     return mock.patch.object(layer, "layer_config", lambda *a: dict(cfg))
 
@@ -131,7 +132,7 @@ def test_many_tiles(layout):
 def test_int32_offsets():
     """The int32 offset variant (what a GPU runs below 2**31 elements; the interpreter
     takes the int64 one by default) computes the same."""
-    from convmixer_kernels._triton import layer
+    from convmixer_kernels.backends.triton import layer
     if layer.interpreting():
         a = make_args(1, 2, 2, 2, 2, 3, torch.float32, "nchw")
         assert layer.use_int64(a["x"], a["x"], 2)
@@ -263,7 +264,7 @@ def test_float64_needs_reference_backend():
 # ---- the benchmark provider -----------------------------------------------------------
 
 def test_bench_provider_offered_for_gpu_layer_inference_only():
-    from convmixer_kernels._bench_cases import LAYER_FUSION_PROVIDER, MODES, case_set, our_providers
+    from convmixer_kernels.tools.cases import LAYER_FUSION_PROVIDER, MODES, case_set, our_providers
     for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
         dev = torch.device(device)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -289,8 +290,8 @@ def test_bench_provider_runs_the_fused_layer():
     here under the interpreter) and matches the two-op fused_triton provider."""
     import dataclasses
 
-    from convmixer_kernels import _bench_steps
-    from convmixer_kernels._bench_cases import LAYER_FUSION_PROVIDER, case_set
+    from convmixer_kernels.tools import steps as _bench_steps
+    from convmixer_kernels.tools.cases import LAYER_FUSION_PROVIDER, case_set
     case = next(c for c in case_set("cpu", "ops", quick=True) if c.op == "layer")
     case = dataclasses.replace(case, N=2, C_in=8, C_out=8, H=5, W=6, k=3)
     built = _bench_steps.build(case, torch.device(DEVICE), torch.float32, l2_bytes=1)
@@ -335,7 +336,7 @@ def test_proposed_forward_route_compiles_fullgraph():
 def test_layer_fusion_switch_routes_conv_mixer_layer():
     """``ConvMixerLayer.layer_fusion = True``: eval + no grad runs one layer_eval call and
     gives the two-op result; with grad mode it falls back to the two ops."""
-    from convmixer_kernels.ops import layer as layer_mod
+    from convmixer_kernels import modules as layer_mod
 
     layer = randomize_(ck.ConvMixerLayer(8, kernel_size=3, backend="triton")).to(DEVICE).eval()
     x = make_input((2, 8, 5, 5), torch.float32, "nchw", device=DEVICE)

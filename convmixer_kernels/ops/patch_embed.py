@@ -1,5 +1,5 @@
 """Registered op of the patch embedding ``BN(act(conv_p_stride_p(img) + b))``."""
-from .._spec import PATCH_EMBED
-from ._block import define
+from ..spec import PATCH_EMBED
+from .block import define
 
 patch_embed = define(PATCH_EMBED)

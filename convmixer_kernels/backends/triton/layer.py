@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._spec import out_memory_format
+from ...spec import out_memory_format
 from ._common import ACT_CODES, act_fwd, interpreting, launch, needs_int64
 from ._gemm import _bn as _pw_bn
 from ._gemm import _fit, _per_channel, _pixel, _precision, _strides, _swizzle
@@ -114,7 +114,7 @@ def layer_config(M: int, C: int, COUT: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_M=_fit(M, 16, 512), BLOCK_N=_fit(COUT, 16, 256),
                     BLOCK_K=_fit(C, 16, 128), GROUP_M=1, num_warps=4)
-    # sm_90 resources at C = C_out = 1536, k = 9 (python -m convmixer_kernels._triton.variants):
+    # sm_90 resources at C = C_out = 1536, k = 9 (python -m convmixer_kernels.tools.triton_variants):
     # BLOCK_K 16 keeps the unrolled taps' addresses in registers (no spills in either
     # layout); BLOCK_K 32 spilled in NCHW, BLOCK_M 128 or 4 warps spilled everywhere.
     return dict(BLOCK_M=64, BLOCK_N=_fit(COUT, 16, 256), BLOCK_K=16, GROUP_M=8,

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ._timing import median_ms
+from .timing import median_ms
 
 __all__ = ["Cost", "Peaks", "case_cost", "measure_peaks", "l2_cache_bytes"]
 
@@ -169,7 +169,7 @@ def _fma_rate_cpu(time_ms: Callable[[Callable[[], object]], float]) -> float | N
     ``_cpu_fma_chains``, on the widest vectors the cpu kernels use), or None without the
     extension. torch's fp32 GEMM is no ceiling for the vector units: its BLAS may not use
     the widest vectors a CPU has."""
-    from . import _cpp_lib
+    from .. import _cpp_lib
 
     if _cpp_lib.status() is not None:
         return None

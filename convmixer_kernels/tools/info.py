@@ -8,8 +8,9 @@ import platform
 
 import torch
 
-from . import _cpp_lib, _report, backends
-from ._bench_cases import OP_USES
+from .. import _cpp_lib, backends
+from . import report as _report
+from .cases import OP_USES
 from .bench import DTYPES, _device
 
 __all__ = ["add_arguments", "run_args", "report"]
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def report(device: torch.device) -> str:
     """The text ``info`` prints."""
-    from . import __version__
+    from .. import __version__
     env = _report.environment(device)
     ext = _cpp_lib.status()
     lines = [

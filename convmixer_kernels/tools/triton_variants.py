@@ -7,7 +7,7 @@ DESIGN.md section 5 in every dtype, layout and mode (and the fused eval layer of
 signature, constexprs, launch options) is then compiled with ``triton.compile`` for
 the requested GPU architectures. No GPU is needed, so CI runs it::
 
-    python -m convmixer_kernels._triton.variants --arch 90,80 [--jobs 2] [--quick]
+    python -m convmixer_kernels.tools.triton_variants --arch 90,80 [--jobs 2] [--quick]
 
 Exit status 1 when any variant fails to compile (with its error), 0 otherwise; the
 report lists registers, spills and shared memory per variant. Must run without
@@ -24,8 +24,8 @@ from typing import Iterable
 
 import torch
 
-from .._spec import out_format_name, output_memory_format
-from . import _common
+from ..spec import out_format_name, output_memory_format
+from ..backends.triton import _common
 
 # (op, N, C, H, W, k, activations): DESIGN.md section 5 shapes and the sweep.
 DW_SHAPES = [
@@ -116,7 +116,7 @@ def _dw_cases(quick: bool) -> Iterable[tuple]:
 def _run_dw(n, c, h, w, k, dtype, act, layouts) -> None:
     """What the modules launch: inference (eval, nothing saved), the training forward
     (pre-activation saved) and the training backward of every gradient."""
-    from . import dw_block
+    from ..backends.triton import dw_block
 
     meta = dict(device="meta", dtype=dtype)
     for layout in layouts:
@@ -172,7 +172,7 @@ def _layer_cases(quick: bool) -> Iterable[tuple]:
 
 def _run_layer(n, c, h, w, k, dtype, act, layouts) -> None:
     """What ``ConvMixerLayer`` launches with layer fusion in eval (inference only)."""
-    from . import layer
+    from ..backends.triton import layer
 
     meta = dict(device="meta", dtype=dtype)
     for fmt in layouts:

@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
-from . import backends
-from ._roofline import IN_CHANS, Cost, model_cost, op_cost
+from .. import backends
+from .roofline import IN_CHANS, Cost, model_cost, op_cost
 
 __all__ = ["MEMORY_SAVING_SUFFIX", "CHANNELS_LAST_SUFFIX", "OPS", "MODES", "MODE_ALIASES", "SUITES", "MODELS", "TIMM_BASELINES", "BASELINES",
            "LAYER_FUSION_PROVIDER", "Case", "ModelSpec", "case_set", "our_providers"]

@@ -15,12 +15,12 @@ picks, to compare peak memory with ``--memory``), and the baselines
 ``compile_max_autotune`` (with ``--max-autotune``); on GPU all run with
 ``torch.backends.cudnn.benchmark = True``. Speedup = best baseline median / the row's
 median. Each row also reports achieved GB/s, TFLOP/s and percent of the roofline floor
-(``convmixer_kernels._roofline``) and peak memory, and is appended to a long-format CSV
+(``convmixer_kernels.tools.roofline``) and peak memory, and is appended to a long-format CSV
 per device under ``benchmarks/results/``.
 
 GPU times come from ``triton.testing.do_bench`` (Triton is imported only then), CPU
 times from ``torch.utils.benchmark.Timer``. Shapes and providers come from one registry
-(``convmixer_kernels._bench_cases``), shared with ``pytest benchmarks --benchmark-only``.
+(``convmixer_kernels.tools.cases``), shared with ``pytest benchmarks --benchmark-only``.
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _report, backends
-from ._bench_cases import BASELINES, MODE_ALIASES, MODELS, MODES, OPS, SUITES, Case, case_set, our_providers
-from ._bench_steps import build
-from ._roofline import Peaks, l2_cache_bytes, measure_peaks
-from ._timing import PEAK_MEMORY_HOW, peak_memory_mb, time_ms
+from .. import backends
+from . import report as _report
+from .cases import BASELINES, MODE_ALIASES, MODELS, MODES, OPS, SUITES, Case, case_set, our_providers
+from .steps import build
+from .roofline import Peaks, l2_cache_bytes, measure_peaks
+from .timing import PEAK_MEMORY_HOW, peak_memory_mb, time_ms
 
 __all__ = ["OPS", "MODES", "SUITES", "BASELINES", "DTYPES", "CSV_FIELDS", "add_arguments", "build_parser",
            "run", "run_args"]
@@ -345,7 +346,7 @@ def _run(a: argparse.Namespace) -> list[dict]:
 
 
 def _print_report(rows: list[dict], env: dict, peaks: Peaks, a: argparse.Namespace) -> None:
-    from ._paper import paper_table
+    from .paper import paper_table
     print(f"convmixer_kernels bench | {env['device_type']}: {env['device']} | SMs/cores {env['sm_count']} | "
           f"torch {env['torch']} | commit {env['git_commit'] or '-'}")
     print(f"roofline ceilings: copy {peaks.copy_gbps:.1f} GB/s, {peaks.matmul_dtype} matmul "

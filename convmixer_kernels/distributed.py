@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _activations
-from ._spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
+from .spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
 from .ops import BLOCK_OPS
 
 __all__ = ["needs_sync", "sync_block"]

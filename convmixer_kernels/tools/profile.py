@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _bench_cases, backends
-from ._bench_steps import build
-from ._roofline import Cost, l2_cache_bytes, op_cost
+from .. import backends
+from . import cases as _bench_cases
+from .steps import build
+from .roofline import Cost, l2_cache_bytes, op_cost
 from .bench import DTYPE_ALIASES, DTYPES, _device, _positive
 
 __all__ = ["add_arguments", "run_args", "known_cost"]

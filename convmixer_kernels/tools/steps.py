@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._bench_cases import CHANNELS_LAST_SUFFIX, LAYER_FUSION_PROVIDER, MEMORY_SAVING_SUFFIX, Case
-from .convert import set_backend, set_memory_saving
-from .modules import ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple
+from .cases import CHANNELS_LAST_SUFFIX, LAYER_FUSION_PROVIDER, MEMORY_SAVING_SUFFIX, Case
+from ..convert import set_backend, set_memory_saving
+from ..modules import ConvMixer, ConvMixerLayer, DepthwiseBlock, PatchEmbed, PointwiseBlock, _FusedTriple
 
 __all__ = ["Built", "build", "eager_forward", "EagerTwin", "LayerFusion"]
 
@@ -65,7 +65,7 @@ class LayerFusion(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor) -> Tensor:
-        from .ops.layer import layer_blocker, layer_module_eval
+        from ..modules import layer_blocker, layer_module_eval
 
         reason = layer_blocker(self.layer, x)
         if reason is not None:

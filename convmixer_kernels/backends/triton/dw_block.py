@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._spec import output_memory_format
+from ...spec import output_memory_format
 from ._common import (ACT_CODES, act_bwd, act_fwd, combine_tile_stats, interpreting, invstd,
                       launch, needs_int64, pow2)
 
@@ -291,7 +291,7 @@ def elementwise_config(C: int, P: int) -> dict:
         bp = min(pow2(P), 1024)
         return dict(BLOCK_P=bp, BLOCK_C=min(pow2(C), max(1, 65536 // bp)), num_warps=4)
     # 64 x 32 with 8 warps: no register spills at k <= 9 on sm_80/sm_90 (4 warps spill);
-    # see python -m convmixer_kernels._triton.variants for the resource report.
+    # see python -m convmixer_kernels.tools.triton_variants for the resource report.
     return dict(BLOCK_P=64, BLOCK_C=min(32, pow2(C)), num_warps=8)
 
 

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._spec import out_memory_format, output_memory_format
+from ...spec import out_memory_format, output_memory_format
 from ._common import (ACT_CODES, act_bwd, act_fwd, combine_tile_stats, interpreting, invstd,
                       launch, needs_int64, pow2)
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
-# Set by convmixer_kernels._triton.variants to collect (kernel, grid, args, meta) instead
+# Set by convmixer_kernels.tools.triton_variants to collect (kernel, grid, args, meta) instead
 # of launching: the ahead-of-time compile check enumerates the variants this way.
 _recorder: Optional[Callable[[Any, tuple, tuple, dict], None]] = None
 

@@ -1,35 +1,19 @@
 """Registers one block as a pair of ``torch.library`` ops with fake and autograd.
 
-For a block ``name`` (``dw_block``, ``pw_block``, ``patch_embed``)::
+For a block ``name`` (``dw_block``, ``pw_block``, ``patch_embed``) the ops are
+``convmixer_kernels::{name}_forward`` -> (out, mean, var, preact) and
+``{name}_backward`` -> (dx, dweight, dbias, dbn_weight, dbn_bias), with the schemas of
+``convmixer_kernels.ops.schema``. Both are functional (they mutate nothing: running
+statistics are updated by the caller from ``mean``/``var``), so autograd and
+torch.compile see through them. ``backend`` is a concrete backend name (``auto`` is
+resolved before the call); the implementation hands the call to that backend's
+``block_forward``/``block_backward`` (``convmixer_kernels.backends.base``). Shapes,
+dtypes and layouts of every result are documented in ``convmixer_kernels.reference``.
 
-    convmixer_kernels::{name}_forward(Tensor x, Tensor weight, Tensor? bias,
-        Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var,
-        bool use_batch_stats, float eps, str activation, bool save_preact,
-        [str out_format,] str backend)
-        -> (Tensor out, Tensor mean, Tensor var, Tensor preact)
-    convmixer_kernels::{name}_backward(Tensor grad_out, Tensor x, Tensor weight,
-        Tensor? bias, Tensor? bn_weight, Tensor mean, Tensor var, Tensor preact,
-        bool use_batch_stats, float eps, str activation, bool[] output_mask, str backend)
-        -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dbn_weight, Tensor dbn_bias)
-
-Both are functional (they mutate nothing: running statistics are updated by the
-caller from ``mean``/``var``), so autograd and torch.compile see through them. The
-``backend`` argument is a concrete backend name (``auto`` is resolved before the
-call); the implementation hands the call to that backend. Shapes, dtypes and
-layouts of every result are documented in ``convmixer_kernels.reference``.
-
-Output layout. ``out_format`` exists only in the GEMM blocks' forward (``pw_block``,
-``patch_embed``; ``has_out_format``): ``'channels_last'`` or ``'contiguous'`` (NCHW),
-the concrete layout of ``out`` and ``preact``, resolved by the functional API from its
-``memory_format`` option (``_spec.resolve_out_format``: channels_last by default,
-``torch.preserve_format``/None follows x). Every backend's kernel writes that layout
-itself (no copy after the kernel); the compiled kernels
-``{name}_forward_kernel`` take the same argument (csrc/extension.cpp). ``dw_block``'s
-schema has no such argument: its output is residual and follows x's layout
-(``_spec.output_memory_format``), as does its saved ``preact``, except on the ``cpu``
-backend in float32, where ``preact`` is NCHW (``preact_format``). The backward ops take ``grad_out`` and ``preact`` in
-any layout (they work in preact's layout, else grad_out's); the autograd formula hands
-them grad_out in the output's layout; ``dx`` follows x's layout.
+Layouts: the GEMM blocks write ``out`` and ``preact`` in ``out_format``; ``dw_block``'s
+follow x's layout, except the ``cpu`` backend's float32 ``preact``, which is NCHW
+(``preact_format``). The backward ops take ``grad_out`` and ``preact`` in any layout;
+``dx`` follows x's layout.
 """
 from __future__ import annotations
 
@@ -40,27 +24,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
-
-NAMESPACE = "convmixer_kernels"
-_FORWARD_ARGS = (
-    "Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-    "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "
-    "str activation, bool save_preact, "
-)
-_FORWARD_RESULTS = " -> (Tensor, Tensor, Tensor, Tensor)"
-FORWARD_SCHEMA = "(" + _FORWARD_ARGS + "str backend)" + _FORWARD_RESULTS  # dw_block
-GEMM_FORWARD_SCHEMA = "(" + _FORWARD_ARGS + "str out_format, str backend)" + _FORWARD_RESULTS
-BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-    "Tensor mean, Tensor var, Tensor preact, bool use_batch_stats, float eps, "
-    "str activation, bool[] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-
-
-def has_out_format(spec: BlockSpec) -> bool:
-    """Whether the block's forward op takes ``out_format`` (the GEMM blocks; not dw_block)."""
-    return not spec.residual
+from ..spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
+from . import schema
+from .schema import NAMESPACE, has_out_format
 
 
 @dataclass(frozen=True)
@@ -98,21 +64,21 @@ def define(spec: BlockSpec) -> BlockOp:
         *fmt, backend = fmt_backend
         if fmt:
             out_memory_format(fmt[0])  # ValueError naming out_format
-        return backends.run_forward(backend, name, x, weight, bias, bn_weight, bn_bias,
-                                    running_mean, running_var, use_batch_stats, eps,
-                                    activation, save_preact, *fmt)
+        return tuple(backends.get(backend).block_forward(
+            spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            use_batch_stats, eps, activation, save_preact, fmt[0] if fmt else None))
 
     def backward_impl(grad_out, x, weight, bias, bn_weight, mean, var, preact,
                       use_batch_stats, eps, activation, output_mask, backend):
-        return backends.run_backward(backend, name, grad_out, x, weight, bias, bn_weight,
-                                     mean, var, preact, use_batch_stats, eps, activation,
-                                     output_mask)
+        return tuple(backends.get(backend).block_backward(
+            spec, grad_out, x, weight, bias, bn_weight, mean, var, preact, use_batch_stats,
+            eps, activation, output_mask))
 
     fwd = torch.library.custom_op(f"{NAMESPACE}::{name}_forward", forward_impl,
                                   mutates_args=(),
-                                  schema=GEMM_FORWARD_SCHEMA if gemm else FORWARD_SCHEMA)
+                                  schema=schema.forward(spec))
     bwd = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", backward_impl,
-                                  mutates_args=(), schema=BACKWARD_SCHEMA)
+                                  mutates_args=(), schema=schema.backward(spec))
 
     @fwd.register_fake
     def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -1,0 +1,200 @@
+"""Backends: which implementation runs an op.
+
+| backend     | device | what runs                                                          |
+|-------------|--------|--------------------------------------------------------------------|
+| ``cuda``      | GPU    | hand-written CUDA kernels of the compiled extension (``compiled``) |
+| ``triton``    | GPU    | Triton kernels (CPU only under ``TRITON_INTERPRET=1``) (``triton``)|
+| ``cpu``       | CPU    | C++ kernels of the compiled extension (``compiled``)               |
+| ``native``    | any    | the stock modules' own composite: conv2d, act, batch_norm in the   |
+|             |        | storage dtype (cuDNN/oneDNN), exactly what nn.Conv2d+BN run (``native``) |
+| ``reference`` | any    | the float32-accumulating spec and test oracle (``reference``)      |
+
+The choice comes from the ``backend=`` argument of a function or module, else from the
+environment variable ``CONVMIXER_KERNELS_BACKEND``, else ``auto``. ``auto`` asks the
+tuning table (``convmixer_kernels.backends.tuning``: the fastest path measured on this
+kind of device for the op, mode, dtype, layout and nearest shape) and otherwise takes
+the first usable backend in priority order. A backend named explicitly that cannot run
+raises ``BackendUnavailable`` with the reason. ``explain(x, op)`` says what runs and why.
+
+The registry is open: ``register(MyBackend())`` adds a backend (``base.Backend`` is
+the contract; ``docs/adding-a-backend.md`` has the steps).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import tuning
+from .base import OPS, Backend, BackendUnavailable, BlockForward, BlockGrads
+from .compiled import CPU, CUDA
+from .native import NATIVE
+from .reference import ReferenceBackend
+from .triton import TRITON
+
+log = logging.getLogger("convmixer_kernels")
+
+ENV_VAR = "CONVMIXER_KERNELS_BACKEND"
+_REGISTRY: dict[str, Backend] = {}
+_resolved: dict[tuple, str] = {}  # (backend asked, input signature) -> backend name
+
+
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a backend under ``backend.name``; returns it."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend: expected a convmixer_kernels.backends.Backend, "
+                        f"got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name.isidentifier() or backend.name == "auto":
+        raise ValueError(f"backend.name: expected an identifier other than 'auto', got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    _resolved.clear()
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a backend added with ``register``."""
+    _REGISTRY.pop(name, None)
+    _resolved.clear()
+
+
+for _b in (CUDA, TRITON, CPU, NATIVE, ReferenceBackend()):
+    register(_b)
+
+
+def names() -> tuple[str, ...]:
+    """The registered backends, in ``auto``'s fallback order (priority)."""
+    return tuple(sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].priority, n)))
+
+
+BACKEND_NAMES: tuple[str, ...] = names()  # the built-in ones
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend: expected one of {names() + ('auto',)}, got {name!r}") from None
+
+
+def check_name(backend: object, arg: str = "backend") -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _REGISTRY):
+        raise ValueError(f"{arg}: expected one of {names() + ('auto',)}, got {backend!r}")
+    return backend
+
+
+def requested(backend: Optional[str]) -> str:
+    """The backend asked for: the argument, else the environment variable, else 'auto'."""
+    if backend is not None:
+        return check_name(backend)
+    return check_name(os.environ.get(ENV_VAR, "auto"), arg=f"environment variable {ENV_VAR}")
+
+
+def _fallback(op: str, x: Tensor) -> tuple[str, str]:
+    skipped = []
+    for name in names():
+        reason = _REGISTRY[name].unavailable(op, x)
+        if reason is None:
+            why = "first usable backend in priority order"
+            return name, why + ("" if not skipped else " (skipped: " + "; ".join(skipped) + ")")
+        skipped.append(f"{name}: {reason}")
+    raise AssertionError("the reference backend is always available")
+
+
+def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
+           activation: str = "gelu", k: int = 1, cout: int = 0) -> tuple[str, str]:
+    """(backend name, why) for running ``op`` on ``x``. ``mode``: 'eval' (running
+    statistics) or 'train' (batch statistics and/or a backward); ``k``: the conv's
+    kernel (or patch) size; ``cout``: its output channels (0: x's channels)."""
+    want = requested(backend)
+    if want != "auto":
+        reason = _REGISTRY[want].unavailable(op, x)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {want!r} cannot run {op}: {reason}")
+        return want, "requested" if backend is not None else f"{ENV_VAR}={want}"
+    entry = tuning.lookup(op, x, mode, activation, k, cout or x.shape[1])
+    if entry is not None:
+        name, why = entry
+        if name in _REGISTRY and _REGISTRY[name].unavailable(op, x) is None:
+            return name, why
+    return _fallback(op, x)
+
+
+
+def _key(backend, op, x, mode, activation, k, cout) -> tuple:
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (backend, os.environ.get(ENV_VAR), op, x.device.type, x.dtype, cl, tuple(x.shape),
+            mode, activation, k, cout)
+
+
+def _resolve_eager(backend, op, x, mode="eval", activation="gelu", k=1, cout=0) -> str:
+    key = _key(backend, op, x, mode, activation, k, cout)
+    name = _resolved.get(key)
+    if name is None:
+        name, why = choose(backend, op, x, mode, activation, k, cout)
+        if len(_resolved) > 4096:
+            _resolved.clear()
+        _resolved[key] = name
+        log.debug("convmixer_kernels: %s on %s -> %s (%s)", op, tuple(x.shape), name, why)
+    return name
+
+
+def _resolve_constant(backend, op, x, mode="eval", activation="gelu", k=1, cout=0) -> str:
+    """``_resolve_eager`` as a compile-time constant for torch.compile (no graph break).
+
+    Where ``auto`` would pick ``native``, the next backend in priority order runs
+    instead: a compiled ConvMixerLayer whose depthwise block ran the stock composite
+    updated that block's running statistics wrongly in training (torch 2.11, every
+    torch.compile backend; tests/test_semantics.py), which the custom ops do not."""
+    name = choose(backend, op, x, mode, activation, k, cout)[0]
+    if name == "native" and requested(backend) == "auto":
+        for other in names():
+            if other != "native" and _REGISTRY[other].unavailable(op, x) is None:
+                return other
+    return name
+
+
+# What torch.compiler.assume_constant_result(fn) does is set this flag; setting it here
+# keeps `import convmixer_kernels` from importing torch._dynamo (and with it Triton).
+# tests/test_semantics.py compiles with fullgraph=True, so a torch that changes this fails CI.
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def resolve(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
+            activation: str = "gelu", k: int = 1, cout: int = 0) -> str:
+    """The concrete backend name that will run ``op`` on ``x`` (cached per input signature)."""
+    if torch.compiler.is_compiling():
+        return _resolve_constant(backend, op, x, mode, activation, k, cout)
+    return _resolve_eager(backend, op, x, mode, activation, k, cout)
+
+
+def available_backends(device: str | torch.device = "cpu", op: str = "dw_block",
+                       dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that can run ``op`` on a ``dtype`` tensor of ``device``."""
+    x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+    return [n for n in names() if _REGISTRY[n].unavailable(op, x) is None]
+
+
+def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str = "gelu",
+            k: int = 1, cout: int = 0, backend: Optional[str] = None) -> dict:
+    """What runs ``op`` on the tensor ``x`` (an input, not a device or a backend name) and
+    why: ``{'chosen': name, 'why': sentence, 'backends': {name: 'available' or reason}}``.
+    ``mode``: 'eval' or 'train'; ``k``: the conv's kernel or patch size (1 for pw_block);
+    ``cout``: its output channels (0: x's)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected an input tensor (explain takes the tensor the op would "
+                        f"run on; for a device use available_backends(device)), got {type(x).__name__}")
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode: expected 'eval' or 'train', got {mode!r}")
+    name, why = choose(backend, op, x, mode, activation, k, cout)
+    return {"chosen": name, "why": why,
+            "backends": {n: _REGISTRY[n].unavailable(op, x) or "available" for n in names()}}
+
+
+__all__ = ["BACKEND_NAMES", "ENV_VAR", "OPS", "Backend", "BackendUnavailable", "BlockForward",
+           "BlockGrads", "register", "unregister", "names", "get", "check_name", "resolve",
+           "choose", "available_backends", "explain", "tuning"]

@@ -1,0 +1,54 @@
+"""The ``cpu`` and ``cuda`` backends: kernels of the compiled extension
+``convmixer_kernels._C`` (loaded on first use by ``convmixer_kernels._cpp_lib``).
+
+Each block has two kernel ops, ``convmixer_kernels::{block}_forward_kernel`` and
+``{block}_backward_kernel`` (schemas in ``convmixer_kernels.ops.schema``), with a CPU
+implementation in ``csrc/cpu/`` and a CUDA one in ``csrc/cuda/``; the dispatcher picks
+by the tensors' device. ``layer_eval`` runs the two block kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _cpp_lib
+from .base import Backend, BlockForward, BlockGrads, dtype_name
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CompiledBackend(Backend):
+    def __init__(self, name: str, device_type: str, dispatch_key: str, what: str,
+                 priority: int, dtypes: tuple[torch.dtype, ...] = _FLOATS):
+        self.name, self.device_types, self.dispatch_key = name, (device_type,), dispatch_key
+        self.what, self.priority, self.dtypes = what, priority, dtypes
+
+    def unavailable(self, op, x):
+        reason = super().unavailable(op, x)
+        if reason is not None:
+            return reason
+        ext = _cpp_lib.status()
+        if ext is not None:
+            return ext
+        for block in (("dw_block", "pw_block") if op == "layer_eval" else (op,)):
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"convmixer_kernels::{block}_forward_kernel", self.dispatch_key):
+                return f"this build of convmixer_kernels._C has no {self.what} for {block}"
+        if x.dtype not in self.dtypes:
+            return (f"its kernels take {', '.join(dtype_name(d) for d in self.dtypes)}, "
+                    f"got {dtype_name(x.dtype)}")
+        return None
+
+    def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                      use_batch_stats, eps, activation, save_preact, out_format):
+        fmt = () if out_format is None else (out_format,)
+        kernel = getattr(torch.ops.convmixer_kernels, f"{spec.name}_forward_kernel")
+        return BlockForward(*kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                    use_batch_stats, eps, activation, save_preact, *fmt))
+
+    def block_backward(self, spec, *args):
+        kernel = getattr(torch.ops.convmixer_kernels, f"{spec.name}_backward_kernel")
+        return BlockGrads(*kernel(*args))
+
+
+CPU = CompiledBackend("cpu", "cpu", "CPU", "C++ CPU kernel", priority=10)
+CUDA = CompiledBackend("cuda", "cuda", "CUDA", "CUDA kernel", priority=10)
