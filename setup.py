@@ -1,4 +1,11 @@
-"""Builds convmixer_kernels._C with torch.utils.cpp_extension (ninja).
+"""Builds the compiled extensions with torch.utils.cpp_extension (ninja):
+
+  convmixer_kernels._C          the kernels: csrc/extension.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu
+                                (headers shared by CPU and CUDA code in csrc/common/)
+  convmixer_kernels._C_testing  test- and benchmark-only ops: csrc/testing/*.cpp, *.cu
+                                (loaded by convmixer_kernels._cpp_lib.load_testing())
+
+Both get the same flags and the same CUDA choice.
 
 Install with ``pip install --no-build-isolation -e .`` so the extension is built
 against the torch already installed (build isolation would fetch another torch).
@@ -66,24 +73,37 @@ def cpu_arch_flags():
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
 
 
-def extension():
+def sources_of(*patterns):
+    return sorted(f for p in patterns for f in glob.glob(os.path.join(*p.split("/"))))
+
+
+def extension(name, cpp_patterns, cu_patterns):
+    """One extension module from the sources matching the patterns (relative to the root);
+    the .cu ones only when the CUDA sources are built."""
     skip = cuda_build_reason()
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     cxx = opt + ["-std=c++17", "-fopenmp", f'-DCONVMIXER_TORCH_VERSION="{torch.__version__}"']
     cxx += cpu_arch_flags()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sources_of(*cpp_patterns)
     if skip is not None:
-        print(f"convmixer_kernels: building without CUDA kernels ({skip})")
-        return CppExtension("convmixer_kernels._C", sources, extra_compile_args={"cxx": cxx},
+        print(f"convmixer_kernels: building {name} without CUDA kernels ({skip})")
+        return CppExtension(name, sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
     arch = os.environ["TORCH_CUDA_ARCH_LIST"]
     cxx += ["-DCONVMIXER_WITH_CUDA", f'-DCONVMIXER_CUDA_ARCH_LIST="{arch}"']
     nvcc = ["-O0", "-lineinfo"] if DEBUG else ["-O3"]
     nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler=-g0" if not DEBUG else "-g"]
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    return CUDAExtension("convmixer_kernels._C", sources, include_dirs=cuda_include_dirs(),
+    sources += sources_of(*cu_patterns)
+    return CUDAExtension(name, sources, include_dirs=cuda_include_dirs(),
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])
+
+
+def extensions():
+    return [
+        extension("convmixer_kernels._C", ["csrc/*.cpp", "csrc/cpu/*.cpp"], ["csrc/cuda/*.cu"]),
+        extension("convmixer_kernels._C_testing", ["csrc/testing/*.cpp"], ["csrc/testing/*.cu"]),
+    ]
 
 
 setup(
@@ -92,8 +112,8 @@ setup(
     description="Fused GPU and CPU kernels for ConvMixer layers",
     packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
     python_requires=">=3.9",
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["convmixer-bench=convmixer_kernels.__main__:bench_entry"]},
+    entry_points={"console_scripts": ["convmixer-bench=convmixer_kernels.tools.cli:bench_entry"]},
     zip_safe=False,
 )

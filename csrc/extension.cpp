@@ -1,15 +1,16 @@
-// convmixer_kernels._C: op schemas of the compiled kernels, their CPU implementations,
-// and the Python module entry point. CUDA implementations live in csrc/cuda/*.cu and
-// register under TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA).
+// convmixer_kernels._C: the Python module entry point and _build_info. The block kernels'
+// schemas ({dw_block,pw_block,patch_embed}_{forward,backward}_kernel) are defined in Python
+// from one table, convmixer_kernels/ops/schema.py (KERNEL_SCHEMAS), by
+// convmixer_kernels/_cpp_lib.py right before it imports this module; the C++ only registers
+// their implementations: CPU in csrc/cpu/, CUDA in csrc/cuda/ (TORCH_LIBRARY_IMPL).
+// Test- and benchmark-only ops are in another module, convmixer_kernels._C_testing
+// (csrc/testing/).
 #include <Python.h>
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string>
-
-#include "axpb.h"
 
 #ifndef CONVMIXER_TORCH_VERSION
 #define CONVMIXER_TORCH_VERSION "unknown"
@@ -19,7 +20,7 @@
 #endif
 
 extern "C" {
-// Importing convmixer_kernels._C runs the static registrations below.
+// Importing convmixer_kernels._C runs the static registrations of csrc/cpu and csrc/cuda.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
@@ -40,54 +41,6 @@ std::string build_info() {
          (at::get_parallel_info().find("OpenMP") != std::string::npos ? "true" : "false") + "}";
 }
 
-// out = a * x + b, elementwise: the smallest kernel that exercises the whole build,
-// registration and launch path on both devices.
-at::Tensor axpb_cpu(const at::Tensor& x, double a, double b) {
-  check_axpb_input(x, at::kCPU);
-  auto xc = x.contiguous();
-  auto out = at::empty_like(xc);
-  const float* in = xc.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const float fa = static_cast<float>(a), fb = static_cast<float>(b);
-  at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = fa * in[i] + fb;
-  });
-  return out;
-}
-
-// Kernel-level ops behind the `cpu` and `cuda` backends: one schema per block, the
-// CPU implementation in csrc/cpu/, the CUDA one in csrc/cuda/ (dispatch by device).
-// Arguments and results are those of the Python block ops (convmixer_kernels/ops/_block.py)
-// without the `backend` argument; see convmixer_kernels/reference.py for their meaning.
-// The GEMM blocks' forward (pw_block, patch_embed) also takes `str out_format`
-// ('channels_last' or 'contiguous'): the layout the kernel writes out and preact in.
-// dw_block's output follows x's layout (no such argument).
-#define CONVMIXER_BLOCK_FORWARD_ARGS                                                          \
-  "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "              \
-  "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "              \
-  "str activation, bool save_preact"
-#define CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)                                                  \
-  m.def(name "_backward_kernel(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "          \
-             "Tensor? bn_weight, Tensor mean, Tensor var, Tensor preact, bool use_batch_stats, "  \
-             "float eps, str activation, bool[] output_mask) "                                     \
-             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-#define CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, name)                                                  \
-  m.def(name "_forward_kernel" CONVMIXER_BLOCK_FORWARD_ARGS                                      \
-             ") -> (Tensor, Tensor, Tensor, Tensor)");                                           \
-  CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)
-#define CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, name)                                             \
-  m.def(name "_forward_kernel" CONVMIXER_BLOCK_FORWARD_ARGS                                      \
-             ", str out_format) -> (Tensor, Tensor, Tensor, Tensor)");                           \
-  CONVMIXER_BLOCK_BACKWARD_SCHEMA(m, name)
-
-TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) {
-  m.def("_build_info() -> str", &build_info);
-  m.def("_axpb(Tensor x, float a, float b) -> Tensor");
-  CONVMIXER_BLOCK_KERNEL_SCHEMAS(m, "dw_block");
-  CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, "pw_block");
-  CONVMIXER_GEMM_BLOCK_KERNEL_SCHEMAS(m, "patch_embed");
-}
-
-TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) { m.impl("_axpb", &axpb_cpu); }
+TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) { m.def("_build_info() -> str", &build_info); }
 
 }  // namespace convmixer_kernels

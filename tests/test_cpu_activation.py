@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from convmixer_kernels import _cpp_lib
 
-_REASON = _cpp_lib.status()
+_REASON = _cpp_lib.testing_status()
 if _REASON is not None:
     pytest.skip(f"compiled extension unavailable: {_REASON}", allow_module_level=True)
-_cpp_lib.load()
+_cpp_lib.load_testing()
 
 ACTS = ("gelu", "gelu_tanh", "relu")
 # Bounds asserted below (the exhaustive check over every float32 with |z| <= 16, done when

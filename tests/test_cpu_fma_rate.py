@@ -1,17 +1,18 @@
-"""The CPU roofline's FMA ceiling: ``convmixer_kernels::_cpu_fma_chains(iters)`` (csrc/cpu/
+"""The CPU roofline's FMA ceiling: ``convmixer_kernels::_cpu_fma_chains(iters)`` (csrc/testing/
 fma_rate.cpp) and its use by ``_roofline.measure_peaks`` on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from convmixer_kernels import _cpp_lib, _roofline
-from convmixer_kernels._timing import median_ms
+from convmixer_kernels import _cpp_lib
+from convmixer_kernels.tools import roofline as _roofline
+from convmixer_kernels.tools.timing import median_ms
 
-_REASON = _cpp_lib.status()
+_REASON = _cpp_lib.testing_status()
 if _REASON is not None:
     pytest.skip(f"compiled extension unavailable: {_REASON}", allow_module_level=True)
-_cpp_lib.load()
+_cpp_lib.load_testing()
 chains = torch.ops.convmixer_kernels._cpu_fma_chains
 CHAINS = 12  # independent chains per thread (fma_rate.cpp)
 

@@ -45,7 +45,7 @@
 #include <vector>
 
 #include "activation.h"
-#include "../shape_str.h"
+#include "../common/shape_str.h"
 
 namespace convmixer_kernels {
 namespace cpu {

@@ -45,7 +45,7 @@
 #include <string>
 #include <type_traits>
 
-#include "../shape_str.h"
+#include "../common/shape_str.h"
 
 namespace convmixer_kernels {
 namespace cuda {

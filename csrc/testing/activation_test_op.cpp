@@ -1,4 +1,4 @@
-// Test op for the CPU activation interface (csrc/cpu/activation.h):
+// Test op for the CPU activation interface (csrc/cpu/activation.h; test-only, in _C_testing):
 //   convmixer_kernels::_cpu_activation(Tensor z, str activation) -> (Tensor a, Tensor d)
 // with a = act(z), d = act'(z) from act_forward_deriv. It also runs act_forward on the
 // same input and checks that it gives the same `a` bit for bit, so both entry points are
@@ -10,7 +10,7 @@
 #include <string>
 #include <tuple>
 
-#include "activation.h"
+#include "../cpu/activation.h"
 
 namespace convmixer_kernels {
 namespace {

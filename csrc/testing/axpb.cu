@@ -1,4 +1,4 @@
-// CUDA implementation of convmixer_kernels::_axpb (see csrc/extension.cpp): the build,
+// CUDA implementation of convmixer_kernels::_axpb (see csrc/testing/module.cpp): the build,
 // registration and launch pattern every CUDA kernel of the package follows
 // (device guard, current stream, launch check, int64 indexing).
 #include <ATen/ATen.h>
@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../axpb.h"
+#include "axpb.h"
 
 namespace convmixer_kernels {
 namespace {

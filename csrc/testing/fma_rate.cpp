@@ -1,4 +1,4 @@
-// The CPU's vector FMA rate, for the benchmark's roofline (convmixer_kernels/_roofline.py):
+// The CPU's vector FMA rate, for the benchmark's roofline (convmixer_kernels/tools/roofline.py):
 //   convmixer_kernels::_cpu_fma_chains(int iters) -> Tensor
 // Every thread of ATen's pool runs `iters` rounds of kChains independent FMA chains on
 // whole vectors (16 floats where use_avx512() says the kernels run AVX-512, 8 with AVX2
@@ -19,7 +19,7 @@
 #include <cmath>
 #include <vector>
 
-#include "activation.h"
+#include "../cpu/activation.h"
 
 namespace convmixer_kernels {
 namespace cpu {
@@ -110,7 +110,7 @@ at::Tensor fma_chains(int64_t iters) {
 }  // namespace
 }  // namespace cpu
 
-// No tensor arguments: a catch-all kernel (as _build_info in extension.cpp).
+// No tensor arguments: a catch-all kernel (as _build_info in csrc/extension.cpp).
 TORCH_LIBRARY_FRAGMENT(convmixer_kernels, m) { m.def("_cpu_fma_chains(int iters) -> Tensor", &cpu::fma_chains); }
 
 }  // namespace convmixer_kernels
