@@ -1,7 +1,7 @@
 // CUDA kernels of the residual depthwise block
 //   out = x + BN(act(dwconv_k(x) + b)),  k odd, 'same' zero padding
 // registered as the CUDA implementation of convmixer_kernels::dw_block_{forward,backward}_kernel
-// (schemas in csrc/extension.cpp, semantics in convmixer_kernels/reference.py, the CPU
+// (schemas in convmixer_kernels/ops/schema.py, semantics in convmixer_kernels/reference.py, the CPU
 // implementation of the same schema in csrc/cpu/dw_block.cpp).
 //
 // Tiling (every tiled kernel): a block of 256 threads owns CT = 8 channels x TH = 8 rows x
@@ -45,7 +45,7 @@
 #include <string>
 #include <type_traits>
 
-#include "../common/shape_str.h"
+#include "../common/checks.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -633,30 +633,6 @@ void launch_conv(const ConvArgs<in_t, out_t>& args) {
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-at::MemoryFormat output_format(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                               : at::MemoryFormat::Contiguous;
-}
-
-void check_same_device(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* arg, const char* where) {
-  if (t.has_value())
-    TORCH_CHECK(t->device() == x.device(), where, ": ", arg, " must be on ", x.device(), " like x, got ",
-                t->device());
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* where) {
-  TORCH_CHECK(x.device().is_cuda(), where, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, where, ": x must be 4-D (N, C, H, W), got ", shape_str(x.sizes()));
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, where,
-              ": x must be float32, bfloat16 or float16 (float64 runs on the reference backend), got ", st);
-  TORCH_CHECK(weight.device() == x.device(), where, ": weight must be on ", x.device(), " like x, got ",
-              weight.device());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              where, ": weight must be (C, 1, k, k) with k odd and C = x.size(1), got ", shape_str(weight.sizes()));
-}
-
 // Per-channel float32 copies (contiguous) of optional parameters.
 at::Tensor f32(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
@@ -664,24 +640,14 @@ at::Tensor f32(const c10::optional<at::Tensor>& t) {
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// (C, 1, k, k) -> (C, k*k) float32, rotated by 180 degrees when `flip` (the input gradient
-// is a 'same' conv of dz with the flipped kernel).
-at::Tensor pack_weights(const at::Tensor& weight, bool flip) {
-  const int64_t C = weight.size(0), kk = weight.size(2) * weight.size(3);
-  at::Tensor w = weight.reshape({C, kk}).to(at::kFloat);
-  if (flip) w = w.flip({1});
-  return w.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double eps, c10::string_view activation, bool save_preact) {
   const char* where = "dw_block_forward_kernel (cuda)";
-  check_inputs(x, weight, where);
-  TORCH_CHECK(use_batch_stats || (running_mean.has_value() && running_var.has_value()), where,
-              ": running_mean and running_var are required without batch statistics");
+  check_dw_block_inputs(x, weight, where, at::kCUDA);
+  check_dw_block_forward_args(use_batch_stats, running_mean, running_var, where);
   check_same_device(bias, x, "bias", where);
   check_same_device(bn_weight, x, "bn_weight", where);
   check_same_device(bn_bias, x, "bn_bias", where);
@@ -707,7 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     }
     return {out, mean, var, preact};
   }
-  const at::Tensor wt = pack_weights(weight, false), b = f32(bias), bnw = f32(bn_weight), bnb = f32(bn_bias);
+  const at::Tensor wt = dw_weight_matrix(weight, false), b = f32(bias), bnw = f32(bn_weight), bnb = f32(bn_bias);
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;
@@ -769,13 +735,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     const at::Tensor& preact, bool use_batch_stats, double eps, c10::string_view activation,
     const c10::List<bool>& output_mask) {
   const char* where = "dw_block_backward_kernel (cuda)";
-  check_inputs(x, weight, where);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), where,
-              ": grad_out must match x in shape and dtype, got ", shape_str(grad_out.sizes()), " ", grad_out.scalar_type());
+  check_dw_block_inputs(x, weight, where, at::kCUDA);
+  check_dw_block_backward_args(grad_out, x, preact, output_mask, where);
   TORCH_CHECK(grad_out.device() == x.device(), where, ": grad_out must be on ", x.device(), " like x");
-  TORCH_CHECK(output_mask.size() == 5, where, ": output_mask must have 5 entries");
-  TORCH_CHECK(preact.numel() == 0 || (preact.sizes() == x.sizes() && preact.scalar_type() == x.scalar_type()),
-              where, ": preact must be empty or match x in shape and dtype");
   TORCH_CHECK(mean.numel() == x.size(1) && var.numel() == x.size(1), where,
               ": mean and var must have C = ", x.size(1), " entries, got ", mean.numel(), " and ", var.numel());
   TORCH_CHECK(mean.device() == x.device() && var.device() == x.device(), where, ": mean and var must be on ",
@@ -814,7 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     at::Tensor z = preact;
     if (preact.numel() == 0) {
       z = at::empty(x.sizes(), x.options().memory_format(fmt));
-      const at::Tensor wt = pack_weights(weight, false), b = f32(bias);
+      const at::Tensor wt = dw_weight_matrix(weight, false), b = f32(bias);
       ConvArgs<scalar_t, scalar_t> ca{};
       ca.g = g;
       ca.mode = kZOnly;
@@ -876,7 +838,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
 
     if (need_dx) {
       dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-      const at::Tensor wflip = pack_weights(weight, true);
+      const at::Tensor wflip = dw_weight_matrix(weight, true);
       ConvArgs<float, scalar_t> da{};
       da.g = g;
       da.mode = kDgrad;
