@@ -20,7 +20,7 @@ from convmixer_kernels.tools.roofline import model_cost, op_cost
 TINY = ["--device", "cpu", "--batch", "2", "--dim", "8", "--size", "8", "--kernel-size", "3",
         "--image-size", "14", "--patch-size", "7", "--min-run-time", "0.01", "--threads", "1"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = ("fused_cpu", "fused_reference")
+OURS = ("fused_cpu", "fused_auto")  # reference and native are not in the default run
 PROVIDERS = OURS + ("eager_nchw", "eager_channels_last")
 
 
@@ -110,9 +110,13 @@ def test_row_values(rows):
         assert r["device"] and r["device_type"] == "cpu" and r["sm_count"] == os.cpu_count()
         assert r["torch"] and r["dtype"] == "float32" and r["timestamp"] and r["run_id"]
         assert r["kind"] == ("ours" if r["provider"] in OURS + ("fused_cpu_memsave", "fused_cpu_cl",
-                                                                 "fused_reference_cl") else "baseline")
+                                                                 "fused_auto_cl") else "baseline")
         ours_backend = r["provider"][len("fused_"):].removesuffix("_memsave").removesuffix("_cl")
-        assert r["backend"] == (ours_backend if r["kind"] == "ours" else r["provider"])
+        if ours_backend == "auto":  # the backends auto chose, joined with '+'
+            from convmixer_kernels import backends
+            assert set(r["backend"].split("+")) <= set(backends.names()), r
+        else:
+            assert r["backend"] == (ours_backend if r["kind"] == "ours" else r["provider"])
         assert (r["img_per_s"] == "") == (r["op"] in bench.OPS)
 
 

@@ -15,8 +15,12 @@ picks, to compare peak memory with ``--memory``), and the baselines
 ``compile_max_autotune`` (with ``--max-autotune``); on GPU all run with
 ``torch.backends.cudnn.benchmark = True``. Speedup = best baseline median / the row's
 median. Each row also reports achieved GB/s, TFLOP/s and percent of the roofline floor
-(``convmixer_kernels.tools.roofline``) and peak memory, and is appended to a long-format CSV
-per device under ``benchmarks/results/``.
+(``convmixer_kernels.tools.roofline``) and peak memory, and is appended, as soon as it is
+measured, to a long-format CSV per device under ``--out`` (default ``bench-results/``,
+ignored by git; committing results is an explicit step: ``--csv benchmarks/results/...``).
+A row whose p20-p80 spread exceeds 25 % of its median is measured again, and flagged in
+the summary if it stays that wide. The run ends with a summary: ``fused_auto`` against
+the best baseline per op/model and mode, the device named.
 
 GPU times come from ``triton.testing.do_bench`` (Triton is imported only then), CPU
 times from ``torch.utils.benchmark.Timer``. Shapes and providers come from one registry
@@ -25,6 +29,7 @@ times from ``torch.utils.benchmark.Timer``. Shapes and providers come from one r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -45,6 +50,7 @@ CSV_FIELDS = _report.CSV_FIELDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WARMUP_STEPS = 3
+NOISY_SPREAD = 0.25  # (p80 - p20) / p50 above which a row is measured again, then flagged
 # Seconds of timing per measurement: (quick, full).
 MIN_RUN_TIME = {"cpu": (0.2, 1.0), "cuda": (0.1, 0.5)}
 
@@ -98,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="(default) one shape per op, the CIFAR model, eager baselines: under "
                       "2 minutes on a 2-core CPU, under 1 minute on a GPU")
     size.add_argument("--full", dest="full", action="store_true",
-                      help="every shape of DESIGN.md section 5 (smaller on CPU), the kernel-size "
+                      help="every shape of docs/design.md (smaller on CPU), the kernel-size "
                       "sweep, all four models, torch.compile baselines")
     add("--suites", type=_comma_list(SUITES), default=None,
         help=f"comma list of {','.join(SUITES)} (default: ops,models; --full: ops,sweep,models)")
@@ -140,9 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="measure peak memory (default: on, except --quick on CPU, where the profiler pass it "
         "takes costs more than the timing)")
     add("--no-memory", dest="memory", action="store_false", help="leave peak memory blank")
+    add("--out", metavar="DIR", default="bench-results",
+        help="directory for the CSV (<device>.csv, appended) (default: bench-results/)")
     csv_opts = parser.add_mutually_exclusive_group()
     csv_opts.add_argument("--csv", metavar="PATH", default=None,
-                          help="append rows to this CSV (default: benchmarks/results/<device>.csv)")
+                          help="append rows to this CSV instead (e.g. benchmarks/results/<device>.csv "
+                          "to commit them)")
     csv_opts.add_argument("--no-csv", action="store_true", help="write no CSV")
     return parser
 
@@ -269,6 +278,11 @@ def _measure_group(case: Case, dtype: str, mode: str, providers: list, built, pe
             print(f"warning: {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             progress(what + " FAILED", float("nan"))
             continue
+        p50, p20, p80 = times
+        if p50 > 0 and (p80 - p20) / p50 > NOISY_SPREAD:  # too wide to trust: once more
+            with built.provider(provider, backend, mode) as (step, forward):
+                step()
+                times = time_ms(step, device, budget_s)
         progress(what, times[0])
         rows.append(_row(case, dtype, mode, provider, backend, times, built, peaks, mem, diff, device))
     baselines = [r["p50_ms"] for r in rows if r["kind"] == "baseline"]
@@ -321,28 +335,56 @@ def _run(a: argparse.Namespace) -> list[dict]:
               file=sys.stderr, flush=True)
 
     env = _report.environment(device)
+    csv_path = None if a.no_csv else (a.csv or os.path.join(a.out, os.path.basename(
+        _report.default_csv_path(device))))
+    if csv_path is not None:  # refuse an unwritable destination before measuring
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+            with open(csv_path, "a"):
+                pass
+        except OSError as exc:
+            raise SystemExit(f"error: argument --out/--csv: cannot write {csv_path}: {exc}") from None
     print(f"measuring the roofline ceilings of {env['device']} ...", file=sys.stderr, flush=True)
     peaks = measure_peaks(device, min(a.min_run_time, 0.5))
     l2, rows, run_id = l2_cache_bytes(device), [], time.strftime("%Y%m%dT%H%M%S")
-    built_key, built = None, None
-    for case, dtype, mode, providers in plan:
-        if built_key != (case, dtype):
-            built_key, built = (case, dtype), None  # free the previous case first
-            built = build(case, device, DTYPES[dtype], l2)
-        rows += _measure_group(case, dtype, mode, providers, built, peaks, device, a.min_run_time, a.memory,
-                               progress)
-    built = None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for r in rows:
-        r.update(env, run_id=run_id, timestamp=stamp)
+    built_key, built = None, None
+    try:
+        for case, dtype, mode, providers in plan:
+            if built_key != (case, dtype):
+                built_key, built = (case, dtype), None  # free the previous case first
+                built = build(case, device, DTYPES[dtype], l2)
+            group = _measure_group(case, dtype, mode, providers, built, peaks, device, a.min_run_time,
+                                   a.memory, progress)
+            for r in group:
+                r.update(env, run_id=run_id, timestamp=stamp)
+            if csv_path is not None and group:
+                _report.write_csv(csv_path, group)  # as measured: Ctrl-C keeps what was measured
+            rows += group
+    except KeyboardInterrupt:
+        print(f"interrupted: keeping the {len(rows)} rows measured", file=sys.stderr, flush=True)
+    built = None
     _print_report(rows, env, peaks, a)
-    if not a.no_csv and rows:
-        path = a.csv or _report.default_csv_path(device)
-        _report.write_csv(path, rows)
-        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    if csv_path is not None and rows:
+        print(f"appended {len(rows)} rows to {csv_path}", file=sys.stderr)
     if done != len(rows) and not rows:
         raise SystemExit("error: every measurement failed (see the warnings above)")
     return rows
+
+
+def summary(rows: list[dict], device_name: str) -> str:
+    """fused_auto against the best baseline, per op/model and mode (the short answer)."""
+    lines = [f"summary on {device_name}: fused_auto (what a converted model runs) vs the best "
+             "baseline; >1 is faster"]
+    for r in rows:
+        if r["provider"] != "fused_auto" or r["speedup_vs_best_baseline"] == "":
+            continue
+        noisy = r["p50_ms"] > 0 and (r["p80_ms"] - r["p20_ms"]) / r["p50_ms"] > NOISY_SPREAD
+        lines.append(f"  {r['op']:<24} {r['mode']:<17} {r['dtype']:<9} "
+                     f"{r['speedup_vs_best_baseline']:5.2f}x vs {r['best_baseline']:<20} "
+                     f"({r['p50_ms']:.3f} ms, backends {r['backend']})"
+                     + ("  NOISY: p20-p80 spread over 25% of the median" if noisy else ""))
+    return "\n".join(lines)
 
 
 def _print_report(rows: list[dict], env: dict, peaks: Peaks, a: argparse.Namespace) -> None:
@@ -360,3 +402,5 @@ def _print_report(rows: list[dict], env: dict, peaks: Peaks, a: argparse.Namespa
     if paper:
         print("\nThe paper's comparison (inference img/s):")
         print(paper_table(paper), flush=True)
+    if rows:
+        print("\n" + summary(rows, env["device"]), flush=True)

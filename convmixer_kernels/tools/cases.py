@@ -2,7 +2,7 @@
 (``python -m convmixer_kernels bench``) and the pytest-benchmark suite (``benchmarks/``).
 
 A ``Case`` is one shape of one op or model; ``case_set`` gives the cases of each suite
-for a device type (DESIGN.md section 5 on GPU, smaller shapes on CPU). Providers:
+for a device type (docs/design.md's shapes on GPU, smaller ones on CPU). Providers:
 
 - ``fused_<backend>``: our modules run by one backend (``fused_auto`` where the
   automatic choice mixes backends across a layer's ops), on NCHW inputs and weights
@@ -199,9 +199,9 @@ def _backend_covers(backend: str, case: Case, device: torch.device, dtype: torch
 def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
                   requested: Optional[list[str]], mode: Optional[str] = None) -> list[tuple[str, str]]:
     """(provider name, backend) of our modules for ``case``: each requested backend (default:
-    every available one, except ``triton`` on CPU, where it runs only under Triton's
-    interpreter) that can run every op of the case, plus ``fused_auto`` where the automatic
-    choice mixes backends, plus ``fused_triton_layer`` for a ``layer`` case in
+    every available kernel backend, except ``triton`` on CPU, where it runs only under
+    Triton's interpreter, and ``reference``/``native``) that can run every op of the case,
+    plus ``fused_auto`` (the automatic choice: what a user gets), plus ``fused_triton_layer`` for a ``layer`` case in
     ``mode == "inference"`` on a GPU where ``fused_triton`` runs, plus, for an op case,
     ``fused_<b>_cl`` for each backend ``b`` (channels_last inputs and weights), plus, in
     ``mode == "forward_backward"``, ``fused_<b>_memsave``: the memory-saving training mode
@@ -211,7 +211,10 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
     if case.kind == "timm":
         return []
     if requested is None:
-        names = [b for b in backends.BACKEND_NAMES if not (b == "triton" and device.type == "cpu")]
+        # our kernel backends; not reference (the slow spec) nor native (the stock path,
+        # which the eager baselines already time); fused_auto (what users get) always
+        names = [b for b in backends.names() if b not in ("reference", "native")
+                 and not (b == "triton" and device.type == "cpu")]
     else:
         names = [b for b in requested if b != "auto"]
     out = [(f"fused_{b}", b) for b in names if _backend_covers(b, case, device, dtype)]
@@ -226,7 +229,8 @@ def our_providers(case: Case, device: torch.device, dtype: torch.dtype,
         preferred = backends.resolve("auto", case.ops_used[0], x)
         b = preferred if preferred in plain else plain[0]
         out.append((f"fused_{b}{MEMORY_SAVING_SUFFIX}", b))
-    auto = {backends.resolve("auto", op, x) for op in case.ops_used}
-    if "auto" in (requested or ()) or (requested is None and len(auto) > 1):
+    if "auto" in (requested or ()) or requested is None:
         out.append(("fused_auto", "auto"))
+        if case.kind == "op":
+            out.append((f"fused_auto{CHANNELS_LAST_SUFFIX}", "auto"))
     return out

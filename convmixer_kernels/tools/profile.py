@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--patch-size", type=pos_int, help="override the patch size")
     add("--row-limit", type=pos_int, default=25, help="rows of each table (default: 25)")
     add("--trace", metavar="PATH", default=None,
-        help="Chrome trace file (default: convmixer-profile-<target>-<mode>.json)")
+        help="Chrome trace file (default: <--out>/convmixer-profile-<target>-<mode>.json)")
+    add("--out", metavar="DIR", default="bench-results", help="directory of the default trace "
+        "file (default: bench-results/, ignored by git)")
     return parser
 
 
@@ -121,7 +124,13 @@ def run_args(a: argparse.Namespace) -> str:
     built = build(case, device, DTYPES[dtype_name], l2_cache_bytes(device))
     provider = "fused_" + a.backend if a.provider == "fused" else a.provider
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    trace = a.trace or f"convmixer-profile-{a.target}-{a.mode}.json"
+    trace = a.trace or os.path.join(a.out, f"convmixer-profile-{a.target}-{a.mode}.json")
+    try:  # fail before profiling when the trace cannot be written
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+        with open(trace, "a"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"error: argument --trace: cannot write {trace}: {exc}") from None
     try:
         with built.provider(provider, a.backend if a.provider == "fused" else None, a.mode) as (step, _):
             for _ in range(2):

@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["CSV_FIELDS", "environment", "device_name", "default_csv_path", "write_csv", "format_table"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 
 CSV_FIELDS = (

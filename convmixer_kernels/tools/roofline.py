@@ -171,9 +171,9 @@ def _fma_rate_cpu(time_ms: Callable[[Callable[[], object]], float]) -> float | N
     the widest vectors a CPU has."""
     from .. import _cpp_lib
 
-    if _cpp_lib.status() is not None:
+    if _cpp_lib.testing_status() is not None:
         return None
-    _cpp_lib.load()
+    _cpp_lib.load_testing()
     chains = torch.ops.convmixer_kernels._cpu_fma_chains
     iters = 1 << 20
     flops = float(chains(1)[0]) * iters  # FLOPs per call grow linearly with iters
