@@ -18,14 +18,14 @@ import convmixer_kernels as ck  # noqa: E402
 
 # float32 means float32 in the tests: stock convolutions on a GPU use TF32 by default
 # (cuDNN), and our Triton GEMMs follow the same switch, so both are turned off here; the
-# float32 tolerances of DESIGN.md section 6 are IEEE float32's.
+# float32 tolerances of docs/design.md (The tolerance rule) are IEEE float32's.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last", "strided")
 
-# One table for tolerances (DESIGN.md section 6). float32/float64: max abs error
+# One table for tolerances (docs/design.md (The tolerance rule)). float32/float64: max abs error
 # against the float64 oracle <= RTOL * scale + ATOL (scale = max |oracle|), plus 2x
 # PyTorch's own float32 error (which dominates only in ill-conditioned cases such as
 # BatchNorm over a handful of values, where reductions cancel large terms).
@@ -88,7 +88,7 @@ def max_err(actual: torch.Tensor, oracle: torch.Tensor) -> float:
 
 
 def assert_close_to_oracle(name: str, actual, oracle, lowp=None) -> None:
-    """The DESIGN.md section 6 rule; prints the errors before asserting. ``lowp`` is
+    """The docs/design.md (The tolerance rule) rule; prints the errors before asserting. ``lowp`` is
     PyTorch's result in the same dtype, or a sequence of such results (the largest
     error counts: two PyTorch implementations measure its rounding noise better than
     one where the result cancels, such as a bias gradient through BatchNorm)."""

@@ -1,6 +1,6 @@
 """The fused modules under ``torch.autocast`` behave like the stock modules under the
 same autocast: the same output dtype, values and gradients within the low-precision rule
-of DESIGN.md section 6 (error against the float64 oracle at most 2x the stock autocast
+of docs/design.md (The tolerance rule) (error against the float64 oracle at most 2x the stock autocast
 composite's, plus one ulp at the output scale), float32 parameter gradients and float32
 running statistics. CPU bfloat16 always; CUDA float16/bfloat16 marked ``cuda``.
 """

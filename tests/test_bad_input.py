@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md section 7 gets a clear error naming the argument."""
+"""Every bad input of docs/design.md (Bad input) gets a clear error naming the argument."""
 from __future__ import annotations
 
 import math
@@ -152,7 +152,7 @@ def test_module_input_errors_name_the_argument():
         block(torch.ones(2, 8, 5, 5, dtype=torch.int32))
 
 
-# ---- every module and convert(), table-driven (DESIGN.md section 7) -----------------
+# ---- every module and convert(), table-driven (docs/design.md (Bad input)) -----------------
 # name -> (constructor taking keyword overrides, a good input shape)
 MODULES = {
     "DepthwiseBlock": (lambda **kw: ck.DepthwiseBlock(4, kw.pop("kernel_size", 3), **kw), (2, 4, 6, 6)),

@@ -101,7 +101,7 @@ def test_deterministic_across_thread_counts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
 def test_wide_tiles_match_reference_and_narrow_tiles(layout, dtype, training):
-    """channels_last tiles hold up to 8 blocks of 8 channels (tile_subs() in dw_block.cpp: as
+    """channels_last tiles hold up to 8 blocks of 8 channels (tile_subs() in dw_block_tiles.h: as
     many as still leave 4 tiles per thread): 1 thread takes tiles of 64 + 4 channels here (the
     whole-line reader, then the per-channel one for the partial last block), 8 threads 1-block
     tiles. channel_slice is a channels_last view of channels 4..71 of a 76-channel tensor
@@ -162,7 +162,7 @@ def _run_fwd_bwd(args, grad_layout="channels_last"):
 
 @pytest.mark.parametrize("eval_after", [False, True], ids=["train", "eval"])
 def test_pooled_buffers_carry_nothing_between_calls(eval_after):
-    """The kernels' per-thread buffers are pooled between calls (Buf in dw_block.cpp). On one
+    """The kernels' per-thread buffers are pooled between calls (Buf in dw_block_buffers.h). On one
     thread (one pool, every buffer reused) a call that leaves NaN in all of them comes before
     calls with other planes, kernel sizes, layouts and channel counts (partial 8-channel
     blocks included): each must still match the reference, and give the same bits after

@@ -89,13 +89,13 @@ def close(name, got, want, dtype):
 
 
 def to_oracle(args):
-    """The arguments on the CPU in float64 (DESIGN.md section 6: the error measure's oracle)."""
+    """The arguments on the CPU in float64 (docs/design.md (The tolerance rule): the error measure's oracle)."""
     return tuple(a.detach().cpu().double() if torch.is_tensor(a) and a.is_floating_point() else a
                  for a in args)
 
 
 def check(name, got, want, dtype, oracle=None):
-    """float32: the DESIGN.md section 6 rule against the float64 oracle, with the reference
+    """float32: the docs/design.md (The tolerance rule) rule against the float64 oracle, with the reference
     backend's own float32 result as PyTorch's rounding noise (BatchNorm over a few values
     cancels large terms in the bias gradient, an error every float32 implementation has).
     Half precisions, and results with NaN (whose pattern ``close`` compares): against the

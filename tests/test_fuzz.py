@@ -6,7 +6,7 @@ layout (NCHW, channels_last, strided view), activation, train/eval, BatchNorm mo
 (including None, the cumulative average), eps and a torch seed. Each example runs a
 training-mode warm-up step (so the running statistics and ``num_batches_tracked``
 have moved), then forward and backward, and checks the output, every gradient and the
-running statistics with conftest's tolerance rule (DESIGN.md section 6).
+running statistics with conftest's tolerance rule (docs/design.md (The tolerance rule)).
 
 Profiles (environment variable ``CONVMIXER_KERNELS_FUZZ``):
 

@@ -6,7 +6,7 @@ For every backend that runs on the CPU here (reference, cpu, triton under the
 interpreter: small shapes), every input layout (NCHW, channels_last, a strided view) and
 every ``memory_format`` value: the output (and the saved pre-activation) is in the
 requested layout and not merely in the other one, its values and the gradients match
-the float64 oracle (DESIGN.md section 6, ``assert_close_to_oracle``), dx follows x's
+the float64 oracle (docs/design.md (The tolerance rule), ``assert_close_to_oracle``), dx follows x's
 layout, the fake and torch.compile give the eager layout, and a bad value raises a
 ValueError naming the argument.
 """

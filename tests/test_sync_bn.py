@@ -8,7 +8,7 @@ sum of all ranks' losses, the (DDP-averaged) parameter gradients are those of th
 summed loss divided by the world size, and the running statistics move with the
 global mean and unbiased variance. The single-process oracle runs the reference
 blocks in float64; the same run in float32 measures PyTorch's own rounding (the
-DESIGN.md section 6 rule of ``assert_close_to_oracle``).
+docs/design.md (The tolerance rule) rule of ``assert_close_to_oracle``).
 """
 from __future__ import annotations
 

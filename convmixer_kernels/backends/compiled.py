@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _cpp_lib
+from .. import _cpp_lib, reference
 from .base import Backend, BlockForward, BlockGrads, dtype_name
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,14 +38,26 @@ class CompiledBackend(Backend):
                     f"got {dtype_name(x.dtype)}")
         return None
 
+    def _nonfinite_dw_weight(self, spec, weight) -> bool:
+        """The CPU depthwise kernels convolve a zero-padded tile, so a NaN/Inf tap would
+        spread over the border (0 * NaN) where the stock conv never reads it; such a
+        call runs the reference instead (a check of C*k*k values, on the CPU only)."""
+        return spec.depthwise and weight.device.type == "cpu" and not bool(torch.isfinite(weight).all())
+
     def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       use_batch_stats, eps, activation, save_preact, out_format):
+        if self._nonfinite_dw_weight(spec, weight):
+            return BlockForward(*reference.forward(
+                spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                use_batch_stats, eps, activation, save_preact, out_format))
         fmt = () if out_format is None else (out_format,)
         kernel = getattr(torch.ops.convmixer_kernels, f"{spec.name}_forward_kernel")
         return BlockForward(*kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                     use_batch_stats, eps, activation, save_preact, *fmt))
 
     def block_backward(self, spec, *args):
+        if self._nonfinite_dw_weight(spec, args[2]):
+            return BlockGrads(*reference.backward(spec, *args))
         kernel = getattr(torch.ops.convmixer_kernels, f"{spec.name}_backward_kernel")
         return BlockGrads(*kernel(*args))
 

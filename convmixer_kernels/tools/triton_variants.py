@@ -2,7 +2,7 @@
 
 The backend's own ``forward``/``backward`` run on ``meta`` tensors with launches
 recorded instead of executed (``_common._recorder``), for the benchmark shapes of
-DESIGN.md section 5 in every dtype, layout and mode (and the fused eval layer of
+docs/design.md (Shapes) in every dtype, layout and mode (and the fused eval layer of
 ``layer.py`` at the layer shapes); each distinct (kernel,
 signature, constexprs, launch options) is then compiled with ``triton.compile`` for
 the requested GPU architectures. No GPU is needed, so CI runs it::
@@ -27,7 +27,7 @@ import torch
 from ..spec import out_format_name, output_memory_format
 from ..backends.triton import _common
 
-# (op, N, C, H, W, k, activations): DESIGN.md section 5 shapes and the sweep.
+# (op, N, C, H, W, k, activations): docs/design.md (Shapes) shapes and the sweep.
 DW_SHAPES = [
     (64, 1536, 32, 32, 9, ("gelu",)),
     (64, 768, 32, 32, 7, ("gelu", "relu")),
