@@ -22,6 +22,7 @@ None/``torch.preserve_format`` (follow the input's layout); see
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -130,24 +131,39 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
 def _stock_path(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
                 owner: FusedOptions, layout: dict) -> bool:
     """Whether this call runs the stock child modules (the ``native`` backend chosen for
-    this input: explicitly, or by ``auto``'s tuning table)."""
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.is_nested or x.layout != torch.strided:
-        return False
-    if owner.sync_bn or torch.compiler.is_compiling():
+    this input: explicitly, or by ``auto``'s tuning table). The answer is kept per module
+    and input signature (shape, strides, dtype, device, mode), so a repeated call costs a
+    dict lookup."""
+    if not isinstance(x, Tensor) or owner.sync_bn or torch.compiler.is_compiling():
         # under torch.compile the functional API runs the same composite (F.conv2d, act,
         # F.batch_norm): tracing the stock child modules of a ConvMixerLayer gave wrong
         # running statistics for its depthwise block under aot_eager (torch 2.11)
+        return False
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    w = conv.weight
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    key = (id(conv), x.shape, x.stride(), x.dtype, x.device, training or needs_grad, bn.eps,
+           owner.backend, os.environ.get(backends.ENV_VAR), backends.generation())
+    routes = owner.__dict__.get("_ck_routes")
+    if routes is None or len(routes) > 64:
+        routes = owner.__dict__["_ck_routes"] = {}
+    route = routes.get(key)
+    if route is None:
+        route = routes[key] = _choose_stock(spec, x, conv, act, bn, owner, training or needs_grad)
+    return route
+
+
+def _choose_stock(spec, x, conv, act, bn, owner, train) -> bool:
+    if x.dim() != 4:
         return False
     w = conv.weight
     if x.shape[1] != conv.in_channels or x.dtype != w.dtype or x.device != w.device or x.numel() == 0:
         return False  # the functional API raises its error naming the argument
     if not (isinstance(bn.eps, float) and 0 < bn.eps < float("inf")):
         return False
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     activation = _activations.name_of(act)
     try:
-        name = backends.resolve(owner.backend, spec.name, x, "train" if training or needs_grad else "eval",
+        name = backends.resolve(owner.backend, spec.name, x, "train" if train else "eval",
                                 activation or "gelu", conv.kernel_size[0], conv.out_channels)
     except (ValueError, TypeError, backends.BackendUnavailable):
         return False  # the functional API raises the error with its message
@@ -237,7 +253,8 @@ class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
     _fn: Callable[..., Tensor]
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_fused(type(self)._fn, x, self[0], self[1], self[2], self,
+        m = self._modules  # (not self[i]: Sequential's indexing costs a few us per call)
+        return run_fused(type(self)._fn, x, m["0"], m["1"], m["2"], self,
                          memory_format=self.memory_format)
 
 

@@ -40,6 +40,18 @@ log = logging.getLogger("convmixer_kernels")
 ENV_VAR = "CONVMIXER_KERNELS_BACKEND"
 _REGISTRY: dict[str, Backend] = {}
 _resolved: dict[tuple, str] = {}  # (backend asked, input signature) -> backend name
+_generation = [0]  # bumped whenever a cached choice may be stale (register, tune)
+
+
+def generation() -> int:
+    """A counter that changes whenever cached backend choices must be made again."""
+    return _generation[0]
+
+
+def forget_choices() -> None:
+    """Drop every cached choice (after ``register``, a new tuning table, ...)."""
+    _resolved.clear()
+    _generation[0] += 1
 
 
 def register(backend: Backend) -> Backend:
@@ -50,14 +62,14 @@ def register(backend: Backend) -> Backend:
     if not isinstance(backend.name, str) or not backend.name.isidentifier() or backend.name == "auto":
         raise ValueError(f"backend.name: expected an identifier other than 'auto', got {backend.name!r}")
     _REGISTRY[backend.name] = backend
-    _resolved.clear()
+    forget_choices()
     return backend
 
 
 def unregister(name: str) -> None:
     """Remove a backend added with ``register``."""
     _REGISTRY.pop(name, None)
-    _resolved.clear()
+    forget_choices()
 
 
 for _b in (CUDA, TRITON, CPU, NATIVE, ReferenceBackend()):
@@ -197,4 +209,4 @@ def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "OPS", "Backend", "BackendUnavailable", "BlockForward",
            "BlockGrads", "register", "unregister", "names", "get", "check_name", "resolve",
-           "choose", "available_backends", "explain", "tuning"]
+           "choose", "available_backends", "explain", "tuning", "generation", "forget_choices"]

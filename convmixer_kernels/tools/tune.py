@@ -55,12 +55,12 @@ def record_calls() -> Iterator[set]:
         return "native", "recording"
 
     backends.choose = recorder
-    backends._resolved.clear()
+    backends.forget_choices()
     try:
         yield seen
     finally:
         backends.choose = real
-        backends._resolved.clear()
+        backends.forget_choices()
 
 
 def _signatures(device: torch.device, dtype: str, full: bool) -> list[tuple]:
@@ -248,7 +248,7 @@ def run_args(a: argparse.Namespace) -> dict:
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     path.write_text(json.dumps(table, indent=1) + "\n")
     tuning.clear_cache()
-    backends._resolved.clear()
+    backends.forget_choices()
     chosen = {}
     for e in table["entries"]:
         chosen[e["best"]] = chosen.get(e["best"], 0) + 1
