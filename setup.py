@@ -111,6 +111,7 @@ setup(
     version="0.1.0",
     description="Fused GPU and CPU kernels for ConvMixer layers",
     packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
+    package_data={"convmixer_kernels": ["tuning/*.json"]},  # the shipped tuning tables
     python_requires=">=3.9",
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
