@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--dtypes", "--dtype", dest="dtypes", type=_comma_list(tuple(DTYPES), DTYPE_ALIASES), default=None,
         help="comma list of float32,bfloat16,float16 (bf16, fp16, fp32 accepted); default: float32 "
         "on CPU, bfloat16 on CUDA (--full on CUDA: all three)")
-    add("--backends", "--backend", dest="backends", type=_comma_list(backends.BACKEND_NAMES + ("auto",)),
+    add("--backends", "--backend", dest="backends", type=_comma_list(backends.names() + ("auto",)),
         default=None, help="comma list of our backends to time (default: every available one; "
         "triton is left out on CPU, where it runs only under TRITON_INTERPRET=1 and is very "
         "slow, unless named here)")

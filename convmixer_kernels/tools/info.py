@@ -9,6 +9,7 @@ import platform
 import torch
 
 from .. import _cpp_lib, backends
+from ..backends import tuning
 from . import report as _report
 from .cases import OP_USES
 from .bench import DTYPES, _device
@@ -37,14 +38,25 @@ def report(device: torch.device) -> str:
         f"CUDA available: {torch.cuda.is_available()} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"
         f" | {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR, '')!r}",
         "compiled extension: " + ("loaded " + str(_cpp_lib.build_info_of()) if ext is None else ext),
-        "", f"backends on {device.type}:",
     ]
+    table, where = tuning.load(tuning.family(device))
+    if table is None:
+        lines.append(f"tuning table: none used ({where}); auto runs the first usable backend in "
+                     "priority order (native: the stock path)")
+    else:
+        chosen = {}
+        for e in table["entries"]:
+            chosen[e["best"]] = chosen.get(e["best"], 0) + 1
+        lines.append(f"tuning table: {where} ({len(table['entries'])} entries, measured on "
+                     f"{table['device']} with torch {table['torch']}; chosen: {chosen})")
+    lines += ["", f"backends on {device.type} (auto: for a 1x1x1x1 input; "
+              "`ck.backends.explain(x, op)` for yours):"]
     for op in BLOCK_OPS:
         for dtype_name, dtype in DTYPES.items():
             x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
             auto = backends.resolve("auto", op, x)
             lines.append(f"  {op} {dtype_name} (auto -> {auto}):")
-            for name in backends.BACKEND_NAMES:
+            for name in backends.names():
                 reason = backends.get(name).unavailable(op, x)
                 lines.append(f"    {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)

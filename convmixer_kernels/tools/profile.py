@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     pos_int, add = _positive(int), parser.add_argument
     add("--target", choices=TARGETS, default="layer", help="op or model to profile (default: layer)")
     add("--provider", choices=PROVIDERS, default="fused", help="what runs it (default: fused)")
-    add("--backend", choices=backends.BACKEND_NAMES + ("auto",), default="auto",
+    add("--backend", choices=backends.names() + ("auto",), default="auto",
         help="backend of the fused provider (default: auto)")
     add("--mode", choices=_bench_cases.MODES, default="forward_backward")
     add("--dtype", choices=tuple(DTYPES) + tuple(DTYPE_ALIASES), default=None,
@@ -110,6 +110,9 @@ def op_table(prof, device: torch.device, elem: int, row_limit: int) -> str:
 
 def run_args(a: argparse.Namespace) -> str:
     """Profile, print the tables, write the trace; return the trace's path."""
+    # no "gpuGetDeviceCount failed" line from the profiler's GPU probe on a CPU machine
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     from torch.profiler import ProfilerActivity, profile, record_function
     device = a.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = DTYPE_ALIASES.get(a.dtype, a.dtype) or ("bfloat16" if device.type == "cuda" else "float32")
