@@ -8,7 +8,7 @@ what was found and what was expected; ``status()`` (``testing_status()``) return
 message (None when the extension is usable).
 
 The schemas of the block kernels (``{block}_{forward,backward}_kernel``) come from one
-table, ``convmixer_kernels.ops.schema.KERNEL_SCHEMAS``: they are defined here, on
+table, ``convmixer_kernels.schema.KERNEL_SCHEMAS``: they are defined here, on
 ``_LIB``, right before ``_C`` is imported, and the C++ only registers implementations
 (``TORCH_LIBRARY_IMPL``).
 """
@@ -20,6 +20,8 @@ import json
 from types import ModuleType
 
 import torch
+
+from .schema import KERNEL_SCHEMAS
 
 # The library fragment that holds the block kernels' schemas (kept alive for the process:
 # dropping a Library object removes its definitions).
@@ -34,8 +36,6 @@ class ExtensionUnavailable(RuntimeError):
 def _define_kernel_schemas() -> None:
     """Define the block kernels' schemas on _LIB (once per process), before _C registers
     their implementations."""
-    from .ops.schema import KERNEL_SCHEMAS  # here, not at import: ops imports this module
-
     for name, schema in KERNEL_SCHEMAS.items():
         if name not in _DEFINED:
             _LIB.define(name + schema)

@@ -1,6 +1,6 @@
 // convmixer_kernels._C: the Python module entry point and _build_info. The block kernels'
 // schemas ({dw_block,pw_block,patch_embed}_{forward,backward}_kernel) are defined in Python
-// from one table, convmixer_kernels/ops/schema.py (KERNEL_SCHEMAS), by
+// from one table, convmixer_kernels/schema.py (KERNEL_SCHEMAS), by
 // convmixer_kernels/_cpp_lib.py right before it imports this module; the C++ only registers
 // their implementations: CPU in csrc/cpu/, CUDA in csrc/cuda/ (TORCH_LIBRARY_IMPL).
 // Test- and benchmark-only ops are in another module, convmixer_kernels._C_testing

@@ -1,5 +1,5 @@
 """One schema source: the compiled block kernels carry exactly the schemas of
-``convmixer_kernels.ops.schema.KERNEL_SCHEMAS`` (defined by ``_cpp_lib`` before it imports
+``convmixer_kernels.schema.KERNEL_SCHEMAS`` (defined by ``_cpp_lib`` before it imports
 ``_C``, whose C++ only registers implementations), the C++ kernels' own signatures have the
 table's types, and the test-only ops live in ``_C_testing``, not in ``_C``.
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from convmixer_kernels import _cpp_lib
-from convmixer_kernels.ops.schema import KERNEL_SCHEMAS, NAMESPACE
+from convmixer_kernels.schema import KERNEL_SCHEMAS, NAMESPACE
 
 if importlib.util.find_spec("convmixer_kernels._C") is None:
     pytest.skip("compiled extension convmixer_kernels._C not built", allow_module_level=True)
@@ -31,7 +31,7 @@ BLOCKS = ("dw_block", "pw_block", "patch_embed")
 _PROBE = r"""
 import json, re, sys, torch
 from convmixer_kernels import _cpp_lib
-from convmixer_kernels.ops.schema import KERNEL_SCHEMAS, NAMESPACE
+from convmixer_kernels.schema import KERNEL_SCHEMAS, NAMESPACE
 reason = _cpp_lib.status()
 if reason is not None:
     print(json.dumps({"unavailable": reason}))

@@ -2,7 +2,7 @@
 ``convmixer_kernels._C`` (loaded on first use by ``convmixer_kernels._cpp_lib``).
 
 Each block has two kernel ops, ``convmixer_kernels::{block}_forward_kernel`` and
-``{block}_backward_kernel`` (schemas in ``convmixer_kernels.ops.schema``), with a CPU
+``{block}_backward_kernel`` (schemas in ``convmixer_kernels.schema``), with a CPU
 implementation in ``csrc/cpu/`` and a CUDA one in ``csrc/cuda/``; the dispatcher picks
 by the tensors' device. ``layer_eval`` runs the two block kernels.
 """

@@ -3,7 +3,7 @@
 For a block ``name`` (``dw_block``, ``pw_block``, ``patch_embed``) the ops are
 ``convmixer_kernels::{name}_forward`` -> (out, mean, var, preact) and
 ``{name}_backward`` -> (dx, dweight, dbias, dbn_weight, dbn_bias), with the schemas of
-``convmixer_kernels.ops.schema``. Both are functional (they mutate nothing: running
+``convmixer_kernels.schema``. Both are functional (they mutate nothing: running
 statistics are updated by the caller from ``mean``/``var``), so autograd and
 torch.compile see through them. ``backend`` is a concrete backend name (``auto`` is
 resolved before the call); the implementation hands the call to that backend's
@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .. import backends
 from ..spec import BlockSpec, out_memory_format, output_memory_format, stats_dtype
-from . import schema
-from .schema import NAMESPACE, has_out_format
+from .. import schema
+from ..schema import NAMESPACE, has_out_format
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _empty(x: Tensor, shape, fmt=torch.contiguous_format, dtype=None) -> Tensor:
 
 def preact_format(name: str, backend: str, x: Tensor, fmt: "torch.memory_format") -> "torch.memory_format":
     """Layout of the saved pre-activation: the output's, except for the cpu depthwise block in
-    float32, which keeps it NCHW whatever x's layout (csrc/cpu/dw_block.cpp: cheaper to
+    float32, which keeps it NCHW whatever x's layout (csrc/cpu/dw_block_forward.cpp: cheaper to
     write and read back than channels_last; only its backward reads it)."""
     if name == "dw_block" and backend == "cpu" and x.dtype == torch.float32:
         return torch.contiguous_format

@@ -4,7 +4,7 @@
         bn1_var, eps1, act1, pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_mean, bn2_var,
         eps2, act2, out_format, backend) -> Tensor
 
-(schema in ``convmixer_kernels.ops.schema``), equivalent to the two blocks with running
+(schema in ``convmixer_kernels.schema``), equivalent to the two blocks with running
 statistics: ``pw_block(dw_block(x, ...), ...)``. The implementation hands the call to
 the backend's ``layer_eval`` (``convmixer_kernels.backends.base``): the ``triton``
 backend runs one GEMM whose prologue computes the depthwise block (never stored), the
@@ -18,7 +18,7 @@ import torch
 
 from .. import backends
 from ..spec import out_memory_format
-from . import schema
+from .. import schema
 
 __all__ = ["layer_eval_op"]
 

@@ -1,7 +1,7 @@
 // Fused CPU kernels of the residual depthwise block
 //   out = x + BN(act(dwconv_k(x) + b)),  k odd, 'same' zero padding
 // registered as the CPU implementation of convmixer_kernels::dw_block_{forward,backward}_kernel
-// (schemas in convmixer_kernels/ops/schema.py, semantics in convmixer_kernels/reference.py).
+// (schemas in convmixer_kernels/schema.py, semantics in convmixer_kernels/reference.py).
 //
 // Work unit: a tile of CB = 8 channels of one image. Each tile is read once, in the loop
 // order its strides favour (8 contiguous channels per pixel for channels_last, rows for

@@ -20,7 +20,7 @@ Arguments (see ``convmixer_kernels.reference`` for their meaning):
 """
 from __future__ import annotations
 
-from ..spec import SPECS, BlockSpec
+from .spec import SPECS, BlockSpec
 
 NAMESPACE = "convmixer_kernels"
 
