@@ -1,7 +1,7 @@
 // CUDA kernels of the residual depthwise block
 //   out = x + BN(act(dwconv_k(x) + b)),  k odd, 'same' zero padding
 // registered as the CUDA implementation of convmixer_kernels::dw_block_{forward,backward}_kernel
-// (schemas in convmixer_kernels/ops/schema.py, semantics in convmixer_kernels/reference.py, the CPU
+// (schemas in convmixer_kernels/schema.py, semantics in convmixer_kernels/reference.py, the CPU
 // implementation of the same schema in csrc/cpu/dw_block.cpp).
 //
 // Tiling (every tiled kernel): a block of 256 threads owns CT = 8 channels x TH = 8 rows x
@@ -37,6 +37,11 @@
 // Files: dw_block_common.cuh (constants, geometry, device helpers), dw_block_kernels.cuh
 // (the kernels and their arguments), this file (launches, the host entry points with their
 // checks from csrc/common/checks.h, the registration): one translation unit.
+//
+// v2 (issue 22; dw_block_v2.{h,cu,cuh}, docs/cuda-depthwise.md): the register-blocked eval
+// forward runs instead of conv_kernel for the calls it covers (eval, NCHW-contiguous,
+// k in {3, 5, 7, 9}, W <= 32) unless the environment sets CONVMIXER_KERNELS_CUDA_DW_V2=0
+// (read at each call). It is not yet validated on a GPU; the kernels here serve every other call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -45,6 +50,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -52,6 +58,7 @@
 #include "../common/checks.h"
 #include "dw_block_common.cuh"
 #include "dw_block_kernels.cuh"
+#include "dw_block_v2.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -78,6 +85,12 @@ void launch(void (*kernel)(const A), int64_t blocks, size_t smem, const A& args)
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The v2 switch: CONVMIXER_KERNELS_CUDA_DW_V2=0 keeps every call on the first kernels.
+bool v2_enabled() {
+  const char* v = std::getenv("CONVMIXER_KERNELS_CUDA_DW_V2");
+  return v == nullptr || std::string(v) != "0";
+}
 
 size_t conv_smem(const Geometry& g) { return sizeof(float) * CT * (TH + g.k - 1) * (TW + g.k - 1); }
 
@@ -160,6 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     return {out, mean, var, preact};
   }
   const at::Tensor wt = dw_weight_matrix(weight, false), b = f32(bias), bnw = f32(bn_weight), bnb = f32(bn_bias);
+  if (!use_batch_stats && v2_enabled() && dw_block_v2_eval_covers(x, g.k)) {
+    dw_block_v2_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
+                             save_preact ? preact : at::Tensor());
+    return {out, mean, var, preact};
+  }
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;

@@ -1,0 +1,290 @@
+// Depthwise block v2: the register-blocked eval forward kernel (issue 22), NCHW.
+//   out = x + BN(act(round(dwconv_k(x) + b)))  with the running statistics,
+// the same semantics and activation numerics as conv_kernel's EVAL mode (dw_block_kernels.cuh).
+//
+// Tiling. One warp owns a tile of TR = 8 * R rows x TC = 8 * QC columns of PPW = 4 / QC planes
+// (sub-warps of 8 * QC lanes, one plane each). In a sub-warp, lane sl = rg * QC + q owns the
+// R consecutive rows rg * R .. rg * R + R - 1 and the 8 columns q * 8 .. q * 8 + 7 of its plane
+// tile: R x 8 float32 accumulators in registers. The tile spans the whole plane width (the
+// launcher takes W <= TC), so its left and right halos are zero; tiles go down the rows.
+//   - big planes  (QC = 4, R = 4): 32 x 32 tile, one plane per warp (ConvMixer's 32x32 tokens);
+//   - small planes (QC = 2, R = 2): 16 x 16 tile, two planes per warp (CIFAR's 16x16 planes),
+//     so that no lane idles on a 16-wide plane.
+// Staging: the warp copies its (TR + K - 1) halo rows into shared memory as float32, in
+// units of 8 columns (one 16-byte load for 2-byte types, two for float32, converted once),
+// interior column w at shared column w + 8 (16-byte aligned), zero columns on both sides.
+// Taps: all K x K weights of the channel in registers; input row wr of the lane's window is
+// read once from shared memory (four 16-byte loads: 16 floats from column q * 8 + 4) and
+// feeds every output row r with 0 <= wr - r < K. Per output the taps are accumulated in the
+// reference order (kernel row, then kernel column), as conv_kernel does.
+// Epilogue: bias, act, BN hoisted per channel (scale = bn_w / sqrt(var + eps) with correctly
+// rounded steps, shift = bn_b - mean * scale: y = act * scale + shift), residual x from the
+// staged tile, 16-byte stores where the rows allow them (W % 8 == 0 and aligned pointers).
+// Offsets: int64 for the plane base, int32 inside a plane (the launcher checks H * W < 2^31).
+//
+// No atomics, no cross-warp communication: each warp writes only its tile.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "dw_block_common.cuh"
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace v2 {
+namespace {  // one translation unit: only dw_block_v2.cu includes this
+
+constexpr int WARPS = 4;  // warps per block (independent tiles)
+constexpr int THREADS_V2 = WARPS * 32;
+
+template <typename T>
+struct V2EvalArgs {
+  const T* __restrict__ x;     // (N, C, H, W) contiguous
+  T* __restrict__ out;         // (N, C, H, W) contiguous
+  T* __restrict__ z;           // pre-activation store (save_preact), nullable
+  const float* __restrict__ wt;    // (C, K*K) float32
+  const float* __restrict__ bias;  // (C,) float32, nullable
+  const float* __restrict__ mean;  // running statistics (C,) float32
+  const float* __restrict__ var;
+  const float* __restrict__ bnw;  // nullable
+  const float* __restrict__ bnb;  // nullable
+  float eps;
+  int act;
+  int C, H, W;
+  int64_t planes;   // N * C
+  int64_t tiles_h;  // row tiles per plane
+  int64_t warps;    // work items: ceil(planes / PPW) * tiles_h
+  bool vec;         // W % 8 == 0 and x, out, z 16-byte aligned: 16-byte loads and stores
+};
+
+// 8 consecutive elements as float32; `vec`: one 16-byte row unit (aligned, all in range).
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float v[8]);
+
+template <>
+__device__ __forceinline__ void load8<float>(const float* __restrict__ p, float v[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+template <>
+__device__ __forceinline__ void load8<c10::BFloat16>(const c10::BFloat16* __restrict__ p, float v[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bfloat16 -> float32 is exact: the high half of the word
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+template <>
+__device__ __forceinline__ void load8<c10::Half>(const c10::Half* __restrict__ p, float v[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &w[i], 4);
+    const float2 f = __half22float2(h);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// Stores 8 float32 values rounded to T (round to nearest even, as from_f): 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float v[8]);
+
+template <>
+__device__ __forceinline__ void store8<float>(float* __restrict__ p, const float v[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  const T lo = from_f<T>(a), hi = from_f<T>(b);
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+template <>
+__device__ __forceinline__ void store8<c10::BFloat16>(c10::BFloat16* __restrict__ p, const float v[8]) {
+  uint4 u;
+  u.x = pack2<c10::BFloat16>(v[0], v[1]);
+  u.y = pack2<c10::BFloat16>(v[2], v[3]);
+  u.z = pack2<c10::BFloat16>(v[4], v[5]);
+  u.w = pack2<c10::BFloat16>(v[6], v[7]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+template <>
+__device__ __forceinline__ void store8<c10::Half>(c10::Half* __restrict__ p, const float v[8]) {
+  uint4 u;
+  u.x = pack2<c10::Half>(v[0], v[1]);
+  u.y = pack2<c10::Half>(v[2], v[3]);
+  u.z = pack2<c10::Half>(v[4], v[5]);
+  u.w = pack2<c10::Half>(v[6], v[7]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Shape of a tile configuration.
+template <int K, int QC, int R>
+struct Tile {
+  static constexpr int PAD = K / 2;
+  static constexpr int PPW = 4 / QC;        // planes per warp
+  static constexpr int SUB = 32 / PPW;      // lanes per plane
+  static constexpr int TR = 8 * R;          // rows per tile
+  static constexpr int TC = 8 * QC;         // columns per tile (>= W)
+  static constexpr int SH = TR + K - 1;     // staged rows
+  static constexpr int P = TC + 16;         // shared row pitch (floats): 8 zero columns either side
+  static constexpr int WARP_FLOATS = PPW * SH * P;
+  static_assert(QC == 2 || QC == 4, "4 or 2 column groups of 8");
+  static_assert(K >= 1 && K <= 9 && K % 2 == 1, "the 16-float window covers k <= 9");
+  static_assert(SUB == 8 * QC, "8 row groups per plane");
+};
+
+// The epilogue of one lane for activation ACT: R x 8 outputs.
+template <int ACT, typename T, int K, int QC, int R>
+__device__ __forceinline__ void epilogue(const V2EvalArgs<T>& a, const float (&acc)[R][8], const float* srow_x,
+                                         int64_t pbase, int h, int col0, bool pvalid, float b, float scale,
+                                         float shift) {
+  using S = Tile<K, QC, R>;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int hr = h + r;
+    if (!pvalid || hr >= a.H || col0 >= a.W) continue;
+    float xv[8], o[8], zf[8];
+    const float4 x0 = reinterpret_cast<const float4*>(srow_x + r * S::P)[0];
+    const float4 x1 = reinterpret_cast<const float4*>(srow_x + r * S::P)[1];
+    xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w;
+    xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      zf[c] = acc[r][c] + b;
+      const float zs = to_f(from_f<T>(zf[c]));  // the stored pre-activation, as conv_kernel
+      const float y = act_fwd(zs, ACT);
+      o[c] = xv[c] + fmaf(y, scale, shift);
+    }
+    const int off = hr * a.W + col0;  // int32 inside the plane
+    if (a.vec) {
+      store8<T>(a.out + pbase + off, o);
+      if (a.z != nullptr) store8<T>(a.z + pbase + off, zf);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        if (col0 + c >= a.W) break;
+        a.out[pbase + off + c] = from_f<T>(o[c]);
+        if (a.z != nullptr) a.z[pbase + off + c] = from_f<T>(zf[c]);
+      }
+    }
+  }
+}
+
+template <typename T, int K, int QC, int R>
+__global__ void __launch_bounds__(THREADS_V2) eval_kernel(const V2EvalArgs<T> a) {
+  using S = Tile<K, QC, R>;
+  __shared__ __align__(16) float smem[WARPS * S::WARP_FLOATS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * WARPS + warp;
+  if (item >= a.warps) return;  // warp-uniform; no block-wide barrier below
+  const int64_t pg = item / a.tiles_h;
+  const int h0 = static_cast<int>(item - pg * a.tiles_h) * S::TR;
+  float* ws = smem + warp * S::WARP_FLOATS;
+
+  // ---- staging: interior units of 8 columns, then the zero side columns ----
+  constexpr int UNITS = S::PPW * S::SH * QC;
+#pragma unroll 2
+  for (int e = lane; e < UNITS; e += 32) {
+    const int u = e % QC, rr = (e / QC) % S::SH, pp = e / (QC * S::SH);
+    const int64_t p = pg * S::PPW + pp;
+    const int h = h0 - S::PAD + rr, col = u * 8;
+    float v[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) v[c] = 0.0f;
+    if (p < a.planes && h >= 0 && h < a.H && col < a.W) {
+      const T* src = a.x + p * a.H * a.W + (h * a.W + col);
+      if (a.vec) {
+        load8<T>(src, v);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          if (col + c < a.W) v[c] = to_f(src[c]);
+      }
+    }
+    float4* dst = reinterpret_cast<float4*>(ws + (pp * S::SH + rr) * S::P + 8 + col);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  constexpr int SIDES = S::PPW * S::SH * 2;
+  for (int e = lane; e < SIDES; e += 32) {
+    const int row = e >> 1;
+    *reinterpret_cast<float4*>(ws + row * S::P + ((e & 1) ? S::TC + 8 : 4)) = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncwarp();
+
+  // ---- this lane: plane, rows, columns, channel terms ----
+  const int pp = lane / S::SUB, sl = lane % S::SUB, q = sl % QC, rg = sl / QC;
+  const int64_t p = pg * S::PPW + pp;
+  const bool pvalid = p < a.planes;
+  const int c = static_cast<int>((pvalid ? p : a.planes - 1) % a.C);
+  float wv[K * K];
+  const float* wc = a.wt + static_cast<int64_t>(c) * (K * K);
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) wv[t] = __ldg(wc + t);
+
+  float acc[R][8];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int cc = 0; cc < 8; ++cc) acc[r][cc] = 0.0f;
+
+  const float* srow = ws + (pp * S::SH + rg * R) * S::P + q * 8 + 4;
+#pragma unroll
+  for (int wr = 0; wr < R + K - 1; ++wr) {
+    float win[16];
+#pragma unroll
+    for (int v4 = 0; v4 < 4; ++v4) {
+      const float4 f = reinterpret_cast<const float4*>(srow + wr * S::P)[v4];
+      win[4 * v4] = f.x; win[4 * v4 + 1] = f.y; win[4 * v4 + 2] = f.z; win[4 * v4 + 3] = f.w;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int i = wr - r;  // kernel row feeding output row r from this input row
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int j = 0; j < K; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 8; ++cc) acc[r][cc] = fmaf(win[cc + j + 4 - S::PAD], wv[i * K + j], acc[r][cc]);
+    }
+  }
+
+  // Per-channel terms, once per lane.
+  const float b = a.bias != nullptr ? a.bias[c] : 0.0f;
+  const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
+  const float scale = inv_std(a.var[c], a.eps) * bw;
+  const float shift = fmaf(-a.mean[c], scale, bb);
+  const int64_t pbase = (pvalid ? p : 0) * a.H * a.W;
+  const int h = h0 + rg * R, col0 = q * 8;
+  const float* srow_x = ws + (pp * S::SH + rg * R + S::PAD) * S::P + 8 + col0;
+  switch (a.act) {
+    case kGelu:
+      epilogue<kGelu, T, K, QC, R>(a, acc, srow_x, pbase, h, col0, pvalid, b, scale, shift);
+      break;
+    case kGeluTanh:
+      epilogue<kGeluTanh, T, K, QC, R>(a, acc, srow_x, pbase, h, col0, pvalid, b, scale, shift);
+      break;
+    default:
+      epilogue<kRelu, T, K, QC, R>(a, acc, srow_x, pbase, h, col0, pvalid, b, scale, shift);
+      break;
+  }
+}
+
+}  // namespace
+}  // namespace v2
+}  // namespace cuda
+}  // namespace convmixer_kernels

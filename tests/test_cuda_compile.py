@@ -1,0 +1,96 @@
+"""Ahead-of-time compile check of the CUDA depthwise kernels (no GPU needed).
+
+csrc/cuda/dw_block.cu (the first kernels) and csrc/cuda/dw_block_v2.cu (the register-blocked
+eval forward, docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with
+``nvcc -Xptxas -v``; the test fails on a compile error, on any register spill (ptxas'
+"spill stores" / "spill loads" not zero) and when a v2 kernel needs more than 128 registers
+(the occupancy the static estimate in docs/cuda-depthwise.md assumes). Skipped only where
+nvcc is absent. The two files compile in parallel; about 1-2 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu"]
+V2_MAX_REGS = 128
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cand = os.path.join(home, "bin", "nvcc")
+    return cand if os.path.exists(cand) else shutil.which("nvcc")
+
+
+def _includes():
+    torch = pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU-only build (no CUDA headers)")
+    try:
+        dirs = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # older torch
+        dirs = cpp_extension.include_paths(cuda=True)
+    # /usr/local/cuda may lack the cuBLAS/cuSPARSE headers ATen/cuda includes (as setup.py)
+    for path in sys.path:
+        dirs += glob.glob(os.path.join(path, "nvidia", "cu*", "include"))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _ptxas_report(log: str):
+    """-> [(function, registers, spill_store_bytes, spill_load_bytes)] from ptxas -v output."""
+    out, fn, spills = [], None, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            fn, spills = m.group(1), None
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and fn is not None:
+            spills = (int(m.group(1)), int(m.group(2)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and fn is not None and spills is not None:
+            out.append((fn, int(m.group(1)), *spills))
+            fn = None
+    return out
+
+
+# sm_90: every instantiation; sm_80: v2's headline instantiation only (bfloat16, k = 9, both
+# tiles; CONVMIXER_DW_V2_ONLY_K9_BF16) to keep the test near 1-2 minutes on 2 cores.
+@pytest.mark.parametrize("arch,defines", [("90", []), ("80", ["-DCONVMIXER_DW_V2_ONLY_K9_BF16"])],
+                         ids=["sm90", "sm80"])
+def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME/bin/nvcc or PATH): the CUDA sources cannot be compiled here")
+    flags = ["-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
+    flags += defines + [f"-I{d}" for d in _includes()]
+    procs = []
+    for src in SOURCES:
+        out = tmp_path / (os.path.basename(src) + ".cubin")
+        procs.append((src, subprocess.Popen([nvcc, *flags, os.path.join(ROOT, src), "-o", str(out)],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    problems = []
+    for src, p in procs:
+        log, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, f"{src} does not compile for sm_{arch}:\n{log[-6000:]}"
+        report = _ptxas_report(log)
+        assert report, f"{src}: no ptxas resource report in the output:\n{log[-3000:]}"
+        for fn, regs, st, ld in report:
+            if st or ld:
+                problems.append(f"{src} sm_{arch} {fn}: {st} bytes spill stores, {ld} bytes spill loads")
+            if "eval_kernel" in fn and regs > V2_MAX_REGS:
+                problems.append(f"{src} sm_{arch} {fn}: {regs} registers > {V2_MAX_REGS}")
+        if src.endswith("dw_block_v2.cu"):
+            want = 2 if defines else 24  # 3 dtypes x 4 k x 2 tiles
+            assert sum("eval_kernel" in fn for fn, *_ in report) == want, f"expected {want} v2 kernels"
+    assert not problems, "\n".join(problems)
