@@ -71,12 +71,12 @@ def main() -> int:
                                       (torch.randn(c, generator=gen).to(dev),
                                        (torch.rand(c, generator=gen) + 0.5).to(dev)))
                             fargs = (x, w, b, bw, bb, rm, rv, training, 1e-5, act, save)
-                            got = cuda.forward("dw_block", *fargs)
+                            got = cuda.block_forward(DW_BLOCK, *fargs)
                             want = reference.forward(DW_BLOCK, *fargs)
                             out, mean, var, pre = want
                             dy = make(tuple(out.shape), dtype, layout, gen, dev)
                             bargs = (dy, x, w, b, bw, mean, var, pre, training, 1e-5, act, [True] * 5)
-                            got_b = cuda.backward("dw_block", *bargs)
+                            got_b = cuda.block_backward(DW_BLOCK, *bargs)
                             want_b = reference.backward(DW_BLOCK, *bargs)
                             if dev == "cuda":
                                 torch.cuda.synchronize()

@@ -109,7 +109,7 @@ def check(name, got, want, dtype, oracle=None):
 
 def run_both(args, activation, mask=(True,) * 5):
     cuda = ck.backends.get("cuda")
-    got = cuda.forward("dw_block", *args)
+    got = cuda.block_forward(DW_BLOCK, *args)
     want = reference.forward(DW_BLOCK, *args)
     dtype = args[0].dtype
     exact = dtype == torch.float32
@@ -122,7 +122,7 @@ def run_both(args, activation, mask=(True,) * 5):
     grad = make_input(tuple(out.shape), dtype, layout, device="cuda")
     bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, args[7], 1e-5, activation,
              list(mask))
-    got_b = cuda.backward("dw_block", *bargs)
+    got_b = cuda.block_backward(DW_BLOCK, *bargs)
     want_b = reference.backward(DW_BLOCK, *bargs)
     oracle_b = reference.backward(DW_BLOCK, *to_oracle(bargs)) if exact else (None,) * 5
     for name, m, g, w, o in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), mask, got_b,
@@ -174,12 +174,12 @@ def test_bitwise_deterministic(dtype, layout):
     """No atomics: every partial sum is reduced in a fixed order."""
     cuda = ck.backends.get("cuda")
     args = cuda_args((8, 96, 32, 32), 9, dtype, layout, True, False)
-    out, mean, var, preact = cuda.forward("dw_block", *args)
+    out, mean, var, preact = cuda.block_forward(DW_BLOCK, *args)
     grad = torch.randn_like(out)
     bargs = (grad, *args[:4], mean, var, preact, True, 1e-5, "gelu", [True] * 5)
-    first = cuda.forward("dw_block", *args) + cuda.backward("dw_block", *bargs)
+    first = cuda.block_forward(DW_BLOCK, *args) + cuda.block_backward(DW_BLOCK, *bargs)
     for _ in range(3):
-        again = cuda.forward("dw_block", *args) + cuda.backward("dw_block", *bargs)
+        again = cuda.block_forward(DW_BLOCK, *args) + cuda.block_backward(DW_BLOCK, *bargs)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
@@ -191,11 +191,11 @@ def test_rejects_what_it_cannot_run():
     x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float64)
     w = torch.randn(4, 1, 3, 3, device="cuda", dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        cuda.forward("dw_block", x, w, None, None, None, None, None, True, 1e-5, "gelu", False)
+        cuda.block_forward(DW_BLOCK, x, w, None, None, None, None, None, True, 1e-5, "gelu", False)
     with pytest.raises(RuntimeError, match="activation must be one of"):
-        cuda.forward("dw_block", x.float(), w.float(), None, None, None, None, None, True, 1e-5, "tanh", False)
+        cuda.block_forward(DW_BLOCK, x.float(), w.float(), None, None, None, None, None, True, 1e-5, "tanh", False)
     with pytest.raises(RuntimeError, match="k odd"):
-        cuda.forward("dw_block", x.float(), torch.randn(4, 1, 4, 4, device="cuda"), None, None, None, None,
+        cuda.block_forward(DW_BLOCK, x.float(), torch.randn(4, 1, 4, 4, device="cuda"), None, None, None, None,
                      None, True, 1e-5, "gelu", False)
 
 

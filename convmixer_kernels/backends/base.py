@@ -62,7 +62,7 @@ class Backend:
                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       use_batch_stats: bool, eps: float, activation: str, save_preact: bool,
-                      out_format: Optional[str]) -> BlockForward:
+                      out_format: Optional[str] = None) -> BlockForward:
         raise NotImplementedError
 
     def block_backward(self, spec: BlockSpec, grad_out: Tensor, x: Tensor, weight: Tensor,

@@ -45,7 +45,7 @@ class CompiledBackend(Backend):
         return spec.depthwise and weight.device.type == "cpu" and not bool(torch.isfinite(weight).all())
 
     def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, eps, activation, save_preact, out_format):
+                      use_batch_stats, eps, activation, save_preact, out_format=None):
         if self._nonfinite_dw_weight(spec, weight):
             return BlockForward(*reference.forward(
                 spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -34,7 +34,7 @@ class NativeBackend(Backend):
     runs_composite = True  # functional.py calls ``composite`` directly, no custom op
 
     def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, eps, activation, save_preact, out_format):
+                      use_batch_stats, eps, activation, save_preact, out_format=None):
         fmt = output_memory_format(x) if out_format is None else out_memory_format(out_format)
         z = F.conv2d(x, weight, bias, stride=spec.stride(weight), padding=spec.padding(weight),
                      groups=spec.groups(x))

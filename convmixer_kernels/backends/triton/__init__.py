@@ -44,7 +44,7 @@ class TritonBackend(Backend):
         return importlib.import_module(f"{__name__}.{_MODULES[op]}")
 
     def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, eps, activation, save_preact, out_format):
+                      use_batch_stats, eps, activation, save_preact, out_format=None):
         fmt = () if out_format is None else (out_format,)
         return BlockForward(*self._module(spec.name).forward(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
