@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import convmixer_kernels as ck
+from convmixer_kernels.spec import SPECS
 from convmixer_kernels import _cpp_lib, reference
 from convmixer_kernels.spec import DW_BLOCK, output_memory_format
 
@@ -49,7 +50,7 @@ def close(name, got, want, dtype):
                          ids=str)
 def test_forward_backward_match_reference(shape, k, dtype, layout, training, save_preact, activation):
     args = args_for(shape, k, dtype, layout, training, save_preact, activation)
-    got = CPU.forward("dw_block", *args)
+    got = CPU.block_forward(SPECS["dw_block"], *args)
     want = reference.forward(DW_BLOCK, *args)
     for name, g, w in zip(("out", "mean", "var", "preact"), got, want):
         close(name, g, w, dtype)
@@ -58,7 +59,7 @@ def test_forward_backward_match_reference(shape, k, dtype, layout, training, sav
     grad = make_input(out.shape, dtype, "channels_last" if layout == "nchw" else "nchw")
     bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation,
              [True] * 5)
-    got_b = CPU.backward("dw_block", *bargs)
+    got_b = CPU.block_backward(SPECS["dw_block"], *bargs)
     want_b = reference.backward(DW_BLOCK, *bargs)
     for name, g, w in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), got_b, want_b):
         close(name, g, w, dtype)
@@ -70,7 +71,7 @@ def test_backward_output_mask(mask):
     args = args_for((2, 5, 7, 6), 3, torch.float32, "nchw", True, True)
     out, mean, var, preact = reference.forward(DW_BLOCK, *args)
     bargs = (torch.randn_like(out), *args[:4], mean, var, preact, True, 1e-5, "gelu", mask)
-    got = CPU.backward("dw_block", *bargs)
+    got = CPU.block_backward(SPECS["dw_block"], *bargs)
     want = reference.backward(DW_BLOCK, *bargs)
     for m, g, w in zip(mask, got, want):
         assert (g.numel() > 0) == m
@@ -82,14 +83,14 @@ def test_backward_output_mask(mask):
 def test_deterministic_across_thread_counts():
     """Reductions run per (n, c) plane and then over n in a fixed order."""
     args = args_for((4, 32, 16, 16), 7, torch.float32, "nchw", True, True)
-    out, mean, var, preact = CPU.forward("dw_block", *args)
+    out, mean, var, preact = CPU.block_forward(SPECS["dw_block"], *args)
     bargs = (torch.randn_like(out), *args[:4], mean, var, preact, True, 1e-5, "gelu", [True] * 5)
     threads = torch.get_num_threads()
     results = []
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            results.append((CPU.forward("dw_block", *args), CPU.backward("dw_block", *bargs)))
+            results.append((CPU.block_forward(SPECS["dw_block"], *args), CPU.block_backward(SPECS["dw_block"], *bargs)))
     finally:
         torch.set_num_threads(threads)
     for fwd, bwd in results[1:]:
@@ -123,7 +124,7 @@ def test_wide_tiles_match_reference_and_narrow_tiles(layout, dtype, training):
     try:
         for t in (1, 8):
             torch.set_num_threads(t)
-            results.append((CPU.forward("dw_block", *args), CPU.backward("dw_block", *bargs)))
+            results.append((CPU.block_forward(SPECS["dw_block"], *args), CPU.block_backward(SPECS["dw_block"], *bargs)))
     finally:
         torch.set_num_threads(threads)
     for fwd, bwd in results:
@@ -154,10 +155,10 @@ def test_nchw_row_views_match_reference(view, training):
 
 
 def _run_fwd_bwd(args, grad_layout="channels_last"):
-    out, mean, var, preact = CPU.forward("dw_block", *args)
+    out, mean, var, preact = CPU.block_forward(SPECS["dw_block"], *args)
     grad = make_input(out.shape, out.dtype, grad_layout)
     bargs = (grad, args[0], args[1], args[2], args[3], mean, var, preact, args[7], 1e-5, args[9], [True] * 5)
-    return (out, mean, var, preact), CPU.backward("dw_block", *bargs), bargs
+    return (out, mean, var, preact), CPU.block_backward(SPECS["dw_block"], *bargs), bargs
 
 
 @pytest.mark.parametrize("eval_after", [False, True], ids=["train", "eval"])
@@ -187,7 +188,7 @@ def test_pooled_buffers_carry_nothing_between_calls(eval_after):
                                   reference.backward(DW_BLOCK, *bargs)):
                 close(name, g, w, torch.float32)
             poison()
-            again = CPU.forward("dw_block", *args) + CPU.backward("dw_block", *bargs)
+            again = CPU.block_forward(SPECS["dw_block"], *args) + CPU.block_backward(SPECS["dw_block"], *bargs)
             for a, b in zip(fwd + bwd, again):
                 assert torch.equal(a, b)
     finally:
@@ -219,10 +220,10 @@ def test_avx2_and_avx512_paths_agree(monkeypatch, shape, k):
         got = []
         for training in (False, True):
             args = args_for(shape, k, torch.float32, "nchw", training, False)
-            fwd = CPU.forward("dw_block", *args)
+            fwd = CPU.block_forward(SPECS["dw_block"], *args)
             bargs = (torch.randn_like(fwd[0]), *args[:4], fwd[1], fwd[2], fwd[3], training, 1e-5, "gelu",
                      [True] * 5)
-            got += list(fwd) + list(CPU.backward("dw_block", *bargs))
+            got += list(fwd) + list(CPU.block_backward(SPECS["dw_block"], *bargs))
         results.append(got)
     names = ("out", "mean", "var", "preact", "dx", "dweight", "dbias", "dbn_weight", "dbn_bias") * 2
     for name, a, b in zip(names, *results):

@@ -150,8 +150,8 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
     # the case, the layout and the mode (tests/test_output_layout.py crosses them all)
     out_format = ("channels_last", "contiguous")[(case + LAYOUTS.index(layout) + training) % 2]
     fmt, in_fmt = out_memory_format(out_format), output_memory_format(x)
-    got = cpu.forward(op, *args, save_preact, out_format)
-    z = got[3] if save_preact else cpu.forward(op, *args, True, out_format)[3]
+    got = cpu.block_forward(SPECS[op], *args, save_preact, out_format)
+    z = got[3] if save_preact else cpu.block_forward(SPECS[op], *args, True, out_format)[3]
 
     # The GEMM: the kernel's pre-activation against the reference's.
     want_z, want_z64 = ref_forward(op, args + [True])[3], ref_forward(op, to64(args) + [True])[3]
@@ -177,7 +177,7 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
         # the kernel with the saved preact, or (every other mask) recomputing it from x
         preact = z if save_preact and m % 2 == 0 else x.new_empty(0)
         bwd = [grad, x, weight, bias, bn_w, got[1], got[2], preact, training, 1e-5, args[9], mask]
-        got_b = cpu.backward(op, *bwd)
+        got_b = cpu.block_backward(SPECS[op], *bwd)
         bwd[7] = z
         want_b, want_b64 = ref_backward(op, bwd), ref_backward(op, to64(bwd))
         for i, name in enumerate(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias")):
@@ -293,7 +293,7 @@ def test_reductions_do_not_depend_on_thread_count(layout, training):
     w = torch.randn(5, 4, 1, 1)
     b, bw, bb, rm, rv = torch.randn(5), torch.rand(5) + 0.5, torch.randn(5), torch.randn(5), torch.rand(5) + 0.5
     fmt = out_format_name(output_memory_format(x))
-    _, mean, var, preact = cpu.forward("pw_block", x, w, b, bw, bb, rm, rv, training, 1e-5,
+    _, mean, var, preact = cpu.block_forward(SPECS["pw_block"], x, w, b, bw, bb, rm, rv, training, 1e-5,
                                        "gelu", True, fmt)
     grad = torch.randn(preact.shape).contiguous(memory_format=output_memory_format(x))
     results = []
@@ -301,9 +301,9 @@ def test_reductions_do_not_depend_on_thread_count(layout, training):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            fwd = cpu.forward("pw_block", x1, w1, b, bw, bb, rm, rv, training, 1e-5, "gelu", True,
+            fwd = cpu.block_forward(SPECS["pw_block"], x1, w1, b, bw, bb, rm, rv, training, 1e-5, "gelu", True,
                               fmt)
-            bwd = cpu.backward("pw_block", grad, x, w, b, bw, mean, var, preact, training, 1e-5,
+            bwd = cpu.block_backward(SPECS["pw_block"], grad, x, w, b, bw, mean, var, preact, training, 1e-5,
                                "gelu", [False, False, True, True, True])
             results.append((*fwd[:3], *bwd[2:]))
     finally:

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 
+from convmixer_kernels.spec import SPECS
 from convmixer_kernels import backends
 from convmixer_kernels.spec import (out_format_name, out_memory_format,
                                      output_memory_format, stats_dtype)
@@ -69,8 +70,8 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
     # the case, the layout and the mode (tests/test_output_layout.py crosses them all)
     out_format = ("channels_last", "contiguous")[(case + LAYOUTS.index(layout) + training) % 2]
     fmt, in_fmt = out_memory_format(out_format), output_memory_format(x)
-    got = be.forward(op, *args, save_preact, out_format)
-    z = got[3] if save_preact else be.forward(op, *args, True, out_format)[3]
+    got = be.block_forward(SPECS[op], *args, save_preact, out_format)
+    z = got[3] if save_preact else be.block_forward(SPECS[op], *args, True, out_format)[3]
 
     want_z, want_z64 = ref_forward(op, args + [True])[3], ref_forward(op, to64(args) + [True])[3]
     check("preact", z, want_z, want_z64, dtype)
@@ -94,7 +95,7 @@ def run_case(op, shape, dtype, layout, training, case, save_preact, masks=MASKS)
                 mask[4]]
         preact = z if save_preact and m % 2 == 0 else x.new_empty(0)
         bwd = [grad, x, weight, bias, bn_w, got[1], got[2], preact, training, 1e-5, args[9], mask]
-        got_b = be.backward(op, *bwd)
+        got_b = be.block_backward(SPECS[op], *bwd)
         bwd[7] = z
         want_b, want_b64 = ref_backward(op, bwd), ref_backward(op, to64(bwd))
         for i, name in enumerate(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias")):
@@ -131,7 +132,7 @@ def test_image_gradient_only_when_asked():
     from convmixer_kernels.backends.triton import _gemm
     args = args_for((2, 3, 13, 14, 8, 4), torch.float32, "nchw", True, 0)
     x, weight, bias, bn_w = args[:4]
-    out, mean, var, z = triton().forward("patch_embed", *args, True, "channels_last")
+    out, mean, var, z = triton().block_forward(SPECS["patch_embed"], *args, True, "channels_last")
     grad = torch.randn_like(out)
     common = [grad, x, weight, bias, bn_w, mean, var, z, True, 1e-5, args[9]]
     launched = []
@@ -142,10 +143,10 @@ def test_image_gradient_only_when_asked():
         real(kernel, *a, **meta)
 
     with mock.patch.object(_gemm, "launch", record):
-        without = triton().backward("patch_embed", *common, [False, True, True, True, True])
+        without = triton().block_backward(SPECS["patch_embed"], *common, [False, True, True, True, True])
     assert _gemm._dgrad not in launched and _gemm._wgrad in launched
     assert without[0].numel() == 0
-    full = triton().backward("patch_embed", *common, [True] * 5)
+    full = triton().block_backward(SPECS["patch_embed"], *common, [True] * 5)
     assert full[0].shape == x.shape
     for a, b in zip(without[1:], full[1:]):
         assert torch.equal(a, b)
@@ -198,9 +199,9 @@ def test_bitwise_reproducible(op):
     results = []
     with small_tiles():
         for _ in range(2):
-            out, mean, var, z = triton().forward(op, *args, True, "channels_last")
+            out, mean, var, z = triton().block_forward(SPECS[op], *args, True, "channels_last")
             grad = torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape)
-            bwd = triton().backward(op, grad, x, weight, bias, bn_w, mean, var, z, True, 1e-5,
+            bwd = triton().block_backward(SPECS[op], grad, x, weight, bias, bn_w, mean, var, z, True, 1e-5,
                                     args[9], [True] * 5)
             results.append((out, mean, var, z, *bwd))
     for a, b in zip(*results):
@@ -212,7 +213,7 @@ def test_nan_propagates_like_reference(op):
     args = args_for(SHAPES[op][0], torch.float32, "nchw", False, 0)
     args[0] = args[0].clone()
     args[0][1, 2, 3, 4] = float("nan")
-    out = triton().forward(op, *args, False, "contiguous")[0]
+    out = triton().block_forward(SPECS[op], *args, False, "contiguous")[0]
     want = ref_forward(op, args + [False])[0]
     assert torch.isnan(out).any()
     assert torch.equal(torch.isnan(out), torch.isnan(want))
@@ -246,12 +247,12 @@ def test_host_code_runs_on_meta_tensors(gpu_configs):
                     v = torch.empty(768, device="meta")
                     fmt = out_format_name(output_memory_format(x))  # as ConvMixer runs it
                     for train in (True, False):
-                        out, mean, var, z = triton().forward(op, x, w, b, v, v, v, v, train,
+                        out, mean, var, z = triton().block_forward(SPECS[op], x, w, b, v, v, v, v, train,
                                                              1e-5, "gelu", True, fmt)
                         assert out.shape == (64, 768, 32, 32)
                         assert out.is_contiguous(memory_format=output_memory_format(x))
                         for preact in (z, x.new_empty(0)):
-                            r = triton().backward(op, out, x, w, b, v, mean, var, preact, train,
+                            r = triton().block_backward(SPECS[op], out, x, w, b, v, mean, var, preact, train,
                                                   1e-5, "gelu", [True] * 5)
                             assert r[0].shape == x.shape and r[1].shape == w.shape
     kernels = {k for k, _ in seen}
