@@ -115,6 +115,9 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     mode = "train" if (training or needs_grad) else "eval"
     name = backends.resolve(backend, spec.name, x, mode, activation, weight.shape[-1],
                             weight.shape[0])
+    if (memory_saving and getattr(backends.get(name), "runs_composite", False)
+            and backends.requested(backend) == "auto"):
+        name = backends.first_kernel(spec.name, x)  # the stock path has no memory-saving mode
     if (getattr(backends.get(name), "runs_composite", False) or x.shape[0] == 0) and not sync:
         # (an empty batch, N = 0, is the stock modules' business: an empty result)
         return composite(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -71,6 +71,7 @@ _UNUSUAL = "a sparse, mkldnn, nested or quantized input (the stock modules decid
 # the block's output layout): the tracers record the stock graph; unusual tensors have
 # no memory format to change.
 _AS_STOCK = frozenset((_FX, _JIT, _ONNX, _UNUSUAL))
+_EMPTY = "an empty input (N = 0)"
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -124,7 +125,7 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
     if x.layout is not _STRIDED or x.is_nested or x.is_quantized:
         return _UNUSUAL
     if x.numel() == 0:
-        return "an empty input (N = 0)"
+        return _EMPTY
     return None
 
 
@@ -134,7 +135,10 @@ def _stock_path(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn:
     this input: explicitly, or by ``auto``'s tuning table). The answer is kept per module
     and input signature (shape, strides, dtype, device, mode), so a repeated call costs a
     dict lookup."""
-    if not isinstance(x, Tensor) or owner.sync_bn or torch.compiler.is_compiling():
+    if (not isinstance(x, Tensor) or owner.sync_bn or torch.compiler.is_compiling()
+            or (owner.memory_saving and owner.backend in (None, "auto")
+                and os.environ.get(backends.ENV_VAR, "auto") == "auto")):
+        # memory saving under auto: our ops (the stock path cannot recompute to save memory)
         # under torch.compile the functional API runs the same composite (F.conv2d, act,
         # F.batch_norm): tracing the stock child modules of a ConvMixerLayer gave wrong
         # running statistics for its depthwise block under aot_eager (torch 2.11)
@@ -194,6 +198,8 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
     this input is ``native`` (the same maths, bookkeeping and cost as the stock model)."""
     spec = _SPEC_OF[fn]
     reason = _stock_reason(x, conv, act, bn)
+    if reason is _EMPTY and owner.sync_bn and bn.training:
+        reason = None  # a rank's empty share of a synchronized batch: it must join the all-reduce
     if reason is not None:
         return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
     if _stock_path(spec, x, conv, act, bn, owner, layout):

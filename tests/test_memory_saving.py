@@ -14,9 +14,9 @@ import convmixer_kernels as ck
 from conftest import backends_under_test, randomize_
 
 CASES = {  # op -> (module factory, input shape)
-    "dw_block": (lambda b: ck.DepthwiseBlock(8, 5, backend=b), (2, 8, 6, 6)),
-    "pw_block": (lambda b: ck.PointwiseBlock(8, 12, backend=b), (2, 8, 5, 5)),
-    "patch_embed": (lambda b: ck.PatchEmbed(3, 8, 2, backend=b), (2, 3, 8, 8)),
+    "dw_block": (lambda b: ck.DepthwiseBlock(8, 5, backend=None if b == "auto" else b), (2, 8, 6, 6)),
+    "pw_block": (lambda b: ck.PointwiseBlock(8, 12, backend=None if b == "auto" else b), (2, 8, 5, 5)),
+    "patch_embed": (lambda b: ck.PatchEmbed(3, 8, 2, backend=None if b == "auto" else b), (2, 3, 8, 8)),
 }
 
 
@@ -41,9 +41,14 @@ def _saved_bytes_and_grads(module, x, grad_seed: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_saving_gives_the_same_gradients_and_saves_less(op, dtype):
     factory, shape = CASES[op]
-    for backend in backends_under_test("cpu", op, dtype):
+    for backend in backends_under_test("cpu", op, dtype) + ["auto"]:
+        if backend == "native":  # the stock path: no memory-saving mode (auto then runs our ops)
+            continue
         base = randomize_(factory(backend)).to(dtype).train()
         lean = ck.set_memory_saving(copy.deepcopy(base))
+        if backend == "auto":  # auto with memory saving runs the first kernel backend
+            kernel = ck.backends.first_kernel(op, torch.empty(shape, dtype=dtype))
+            ck.set_backend(base, kernel)
         assert all(m.memory_saving for m in lean.modules() if isinstance(m, ck.modules.FusedOptions))
         x = torch.randn(shape).to(dtype)
         b_bytes, b_out, b_grads = _saved_bytes_and_grads(base, x, 1)

@@ -77,7 +77,7 @@ def test_collector_sees_the_fused_layer_in_both_layouts(tmp_path):
     code = textwrap.dedent("""
         from convmixer_kernels.tools import triton_variants as variants
         vs = [v for v in variants.collect(quick=True)
-              if v.kernel.fn.__module__.endswith("._triton.layer")]
+              if v.kernel.fn.__module__.endswith(".backends.triton.layer")]
         print([(dict(v.signature)["x_ptr"], dict(v.constexprs).get("sxc") == 1,
                 dict(v.constexprs)["K"]) for v in vs])
     """)

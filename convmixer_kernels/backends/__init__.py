@@ -115,6 +115,16 @@ def _fallback(op: str, x: Tensor) -> tuple[str, str]:
     raise AssertionError("the reference backend is always available")
 
 
+def first_kernel(op: str, x: Tensor) -> str:
+    """The first usable backend in priority order that runs our ops (not the stock
+    composite): for what the stock path cannot do (memory saving, torch.compile)."""
+    for name in names():
+        b = _REGISTRY[name]
+        if not getattr(b, "runs_composite", False) and b.unavailable(op, x) is None:
+            return name
+    raise AssertionError("the reference backend is always available")
+
+
 def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
            activation: str = "gelu", k: int = 1, cout: int = 0) -> tuple[str, str]:
     """(backend name, why) for running ``op`` on ``x``. ``mode``: 'eval' (running
@@ -161,10 +171,8 @@ def _resolve_constant(backend, op, x, mode="eval", activation="gelu", k=1, cout=
     updated that block's running statistics wrongly in training (torch 2.11, every
     torch.compile backend; tests/test_semantics.py), which the custom ops do not."""
     name = choose(backend, op, x, mode, activation, k, cout)[0]
-    if name == "native" and requested(backend) == "auto":
-        for other in names():
-            if other != "native" and _REGISTRY[other].unavailable(op, x) is None:
-                return other
+    if getattr(_REGISTRY[name], "runs_composite", False) and requested(backend) == "auto":
+        return first_kernel(op, x)
     return name
 
 
@@ -209,4 +217,4 @@ def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "OPS", "Backend", "BackendUnavailable", "BlockForward",
            "BlockGrads", "register", "unregister", "names", "get", "check_name", "resolve",
-           "choose", "available_backends", "explain", "tuning", "generation", "forget_choices"]
+           "choose", "first_kernel", "available_backends", "explain", "tuning", "generation", "forget_choices"]

@@ -44,7 +44,8 @@ class NativeBackend(Backend):
             var, mean = torch.var_mean(a.to(sdt), dim=(0, 2, 3), correction=0)
         else:
             mean, var = running_mean.to(sdt).clone(), running_var.to(sdt).clone()
-        y = F.batch_norm(a, mean, var, bn_weight, bn_bias, False, 0.0, eps)
+        w, b = (None if t is None else t.to(sdt) for t in (bn_weight, bn_bias))
+        y = F.batch_norm(a, mean, var, w, b, False, 0.0, eps)
         out = (x + y if spec.residual else y).to(x.dtype).contiguous(memory_format=fmt)
         preact = z.contiguous(memory_format=fmt) if save_preact else x.new_empty(0)
         return BlockForward(out, mean, var, preact)

@@ -141,7 +141,7 @@ def _gemm_cases(quick: bool) -> Iterable[tuple]:
 def _run_gemm(op, n, cin, h, w, cout, p, dtype, act, layouts) -> None:
     import importlib
 
-    module = importlib.import_module(f"{__package__}.{op}")
+    module = importlib.import_module(f"convmixer_kernels.backends.triton.{op}")
     meta = dict(device="meta", dtype=dtype)
     for layout in layouts:
         x = torch.empty(n, cin, h, w, memory_format=layout, **meta)
@@ -197,13 +197,10 @@ def collect(quick: bool = False) -> list[Variant]:
     try:
         for case in _dw_cases(quick):
             _run_dw(*case)
-        from ..backends import TritonBackend
-
-        if {"pw_block", "patch_embed"} <= set(TritonBackend.MODULES):
-            for case in _gemm_cases(quick):
-                _run_gemm(*case)
-            for case in _layer_cases(quick):
-                _run_layer(*case)
+        for case in _gemm_cases(quick):
+            _run_gemm(*case)
+        for case in _layer_cases(quick):
+            _run_layer(*case)
     finally:
         _common._recorder = None
     return list(found)
