@@ -203,7 +203,12 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
     if reason is not None:
         return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
     if _stock_path(spec, x, conv, act, bn, owner, layout):
-        return _run_stock(spec, x, conv, act, bn, layout)
+        # The stock modules' own output layout unless memory_format was set on this module
+        # (ConvMixer sets it on its blocks): converting a converted stock model's outputs to
+        # the class default would cost a copy the stock model does not make (2x on a CPU
+        # pw_block).
+        return _run_stock(spec, x, conv, act, bn,
+                          layout if "memory_format" in owner.__dict__ else None)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

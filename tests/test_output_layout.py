@@ -203,12 +203,18 @@ def test_modules_memory_format():
     x = make_input((2, 4, 6, 6), torch.float32, "nchw")
     for m in (ck.PointwiseBlock(4, 5), ck.PatchEmbed(4, 5, 2), ck.ConvMixerLayer(4, 3)):
         m.eval()
+        ck.set_backend(m, "native")  # the stock path keeps the stock layout by default
+        assert_layout(m(x), torch.contiguous_format)
+        ck.set_backend(m, "reference")
         assert m.memory_format == torch.channels_last
         assert_layout(m(x), torch.channels_last)
         m.memory_format = torch.contiguous_format
         assert_layout(m(x.contiguous(memory_format=torch.channels_last)), torch.contiguous_format)
         m.memory_format = None
         assert_layout(m(x), torch.contiguous_format)
+        ck.set_backend(m, "native")  # set on the module: the stock path follows it too
+        m.memory_format = torch.channels_last
+        assert_layout(m(x), torch.channels_last)
     model = ck.ConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=3,
                          memory_format=torch.contiguous_format)
     blocks = [model.stem, *model.blocks]

@@ -245,8 +245,7 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
            "peak_copy_gb_per_s": peaks.copy_gbps, "peak_matmul_tflop_per_s": peaks.matmul_tflops,
            "peak_fma_tflop_per_s": peaks.fma_tflops, "peaks_how": peaks.how}
     if backend is not None:
-        row["backend"] = backend if backend != "auto" else "+".join(sorted(
-            {backends.resolve("auto", op, built.inputs[0]) for op in case.ops_used}))
+        row["backend"] = backend if backend != "auto" else _auto_choice(case, mode, built.inputs[0])
     else:
         row["backend"] = provider
     if cost is not None:
@@ -254,6 +253,25 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
         row.update(gb_per_s=cost.bytes / (p50 * 1e-3) / 1e9, tflop_per_s=cost.flop / (p50 * 1e-3) / 1e12,
                    pct_roofline=100.0 * floor / p50, roofline_floor_ms=floor, flop=cost.flop, bytes=cost.bytes)
     return row
+
+
+def _auto_choice(case: Case, mode: str, x: torch.Tensor) -> str:
+    """What auto runs for the case's op-level calls ('+'-joined), e.g. 'cpu+native'. For
+    models, the blocks' own inputs differ from the image: their shapes come from the case."""
+    tmode = "eval" if mode == "inference" else "train"
+    chosen = set()
+    for op in case.ops_used:
+        if case.kind == "op":
+            xin = x
+        else:  # a model: the trunk's block input (N, dim, H/p, W/p), in the trunk's layout
+            side = max(case.H // max(case.p or 1, 1), 1)
+            xin = torch.empty(case.N, case.C_in if op == "patch_embed" else case.C_out,
+                              case.H if op == "patch_embed" else side,
+                              case.W if op == "patch_embed" else side,
+                              dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        k = (case.k if op == "dw_block" else case.p if op == "patch_embed" else 1) or 1
+        chosen.add(backends.choose("auto", op, xin, tmode, case.activation, k, case.C_out)[0])
+    return "+".join(sorted(chosen))
 
 
 def _measure_group(case: Case, dtype: str, mode: str, providers: list, built, peaks: Peaks,
