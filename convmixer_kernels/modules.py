@@ -254,7 +254,8 @@ class DepthwiseBlock(FusedOptions, nn.Module):
         fn = self.fn
         if _hooked(fn):  # hooks on the Sequential itself: call it, as timm's Residual does
             return fn(x) + x
-        return run_fused(functional.dw_block, x, fn[0], fn[1], fn[2], self)
+        m = fn._modules  # (not fn[i]: Sequential's indexing costs a few us per call)
+        return run_fused(functional.dw_block, x, m["0"], m["1"], m["2"], self)
 
 
 class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
@@ -332,8 +333,9 @@ class ConvMixerLayer(FusedOptions, OutputLayout, nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if self.layer_fusion and layer_blocker(self, x) is None:
             return layer_module_eval(self, x)
-        x = self[0](x)
-        return run_fused(functional.pw_block, x, self[1], self[2], self[3], self,
+        m = self._modules
+        x = m["0"](x)
+        return run_fused(functional.pw_block, x, m["1"], m["2"], m["3"], self,
                          memory_format=self.memory_format)
 
 
