@@ -16,7 +16,10 @@ system_cuda_torch() {
   "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null
 }
 
+step() { echo "setup [$(date +%H:%M:%S)] $*"; }
+
 if [ ! -x "$VENV/bin/python" ]; then
+  step "1/3 virtual environment in $VENV"
   if system_cuda_torch; then
     echo "setup: $PYTHON has a CUDA torch; building against it (venv with system site-packages)"
     "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -36,6 +39,7 @@ else
   REQ=requirements.txt
 fi
 
+step "2/3 pinned packages of $REQ (torch 2.11.0 and its CUDA 13.0 libraries, triton, timm, test tools): about 2-3 minutes and 5 GB on a fresh machine, seconds when already installed"
 "$PY" -m pip install -q --disable-pip-version-check "pip>=25" \
   || echo "setup: could not upgrade pip (offline?); continuing"
 if ! "$PY" -m pip install -q --disable-pip-version-check -r "$REQ"; then
@@ -48,5 +52,6 @@ fi
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+step "3/3 the compiled extension (C++ CPU kernels; CUDA kernels for $TORCH_CUDA_ARCH_LIST when nvcc is found): about 2-8 minutes on 2 cores"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$PY" -c 'import convmixer_kernels._cpp_lib as c; s = c.status(); print("setup: extension", s or "OK", c.build_info_of() if s is None else "")'
