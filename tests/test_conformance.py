@@ -95,6 +95,18 @@ def test_forward_backward(backend, training, shape):
     assert_same_state(stock, fused)
 
 
+@pytest.mark.skipif("triton" not in ck.available_backends("cpu"),
+                    reason="needs triton (under TRITON_INTERPRET=1, which conftest sets)")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_backward_triton_interpreter(training):
+    """The triton backend under Triton's interpreter (slow: one small shape, one step)."""
+    stock, fused = pair("triton", training)
+    x = torch.randn(SHAPES[0])
+    torch.testing.assert_close(step(fused, x), step(stock, x), rtol=RTOL, atol=ATOL)
+    assert_same_grads(stock, fused)
+    assert_same_state(stock, fused)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_momentum_none_and_no_running_stats(backend):
     stock, fused = pair(backend)
