@@ -325,7 +325,7 @@ class ConvMixerLayer(FusedOptions, OutputLayout, nn.Sequential):
             self.backend = backends.check_name(backend)
 
     # Eval + no grad + triton: the whole layer as one Triton kernel (the pointwise GEMM's
-    # prologue computes the depthwise block; see convmixer_kernels/_triton/layer.py). Off
+    # prologue computes the depthwise block; see convmixer_kernels/backends/triton/layer.py). Off
     # by default: which split is faster is for a GPU run of the bench provider
     # ``fused_triton_layer`` against ``fused_triton`` to show.
     layer_fusion: bool = False

@@ -124,7 +124,7 @@ def forward(spec: BlockSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     out: (N, Cout, Ho, Wo) in x's dtype and in the layout ``out_format`` names
     (``'channels_last'`` or ``'contiguous'``: the GEMM blocks' argument, see
-    ``convmixer_kernels.ops._block``); dw_block passes none and its output follows x,
+    ``convmixer_kernels.ops.block``); dw_block passes none and its output follows x,
     ``output_memory_format(x)``;
     mean, var: (Cout,) statistics normalised with (batch mean and biased batch
     variance when ``use_batch_stats``, else copies of the running ones), in ``stats_dtype(x)``;

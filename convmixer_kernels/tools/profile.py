@@ -1,7 +1,7 @@
 """``python -m convmixer_kernels profile``: one op or model under ``torch.profiler``.
 
 Prints a per-op table (self time, share, calls, achieved GB/s and TFLOP/s where the
-shapes give the counts: our block ops from ``_roofline``'s formulas, aten convolutions
+shapes give the counts: our block ops from ``roofline``'s formulas, aten convolutions
 and matmuls from the profiler's FLOP counter and their input sizes), on GPU also the
 kernel table, and writes a Chrome trace (open it in chrome://tracing or Perfetto). The
 fused blocks show as ``convmixer_kernels.<op>`` ranges (NVTX ranges under
