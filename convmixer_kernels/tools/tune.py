@@ -23,17 +23,17 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from .. import backends, functional
 from ..backends import tuning
 from ..spec import SPECS
+from . import report
 from .cases import case_set
 
 __all__ = ["add_arguments", "run_args", "record_calls", "time_call", "tune"]
@@ -183,30 +183,9 @@ def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_
                             "ms": {b: round(t, 4) for b, t in ms.items()}})
             log(f"[{i + 1}/{len(sigs)}] {op} {mode} {dt} {layout} {act} {shape} k={k} cout={cout}: "
                 + ", ".join(f"{b} {t:.3f}" for b, t in ms.items()) + f" ms -> {best}")
-    return {"format": tuning.FORMAT, "family": tuning.family(device), "device": _device_name(device),
-            "torch": torch.__version__, "commit": _commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return {"format": tuning.FORMAT, "family": tuning.family(device), "device": report.device_name(device),
+            "torch": torch.__version__, "commit": report.git_commit() or None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "margin": margin, "threads": torch.get_num_threads(), "entries": entries}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
-def _commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
