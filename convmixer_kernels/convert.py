@@ -48,7 +48,7 @@ log = logging.getLogger("convmixer_kernels")
 _ORIGINAL_CLASS = "_ck_original_class"
 _ORIGINAL_ATTRS = "_ck_original_attrs"
 _FUSED_ATTRS = ("backend", "memory_saving", "sync_bn", "process_group", "memory_format",
-                "layer_fusion", "_ck_routes")  # _ck_routes: modules._stock_path's cache
+                "layer_fusion", "_ck_routes")  # _ck_routes: modules._native_route's cache
 
 FUSED_TYPES = (DepthwiseBlock, _FusedTriple, ConvMixerLayer)
 

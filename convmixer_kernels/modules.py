@@ -22,10 +22,10 @@ None/``torch.preserve_format`` (follow the input's layout); see
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _activations, backends, functional
@@ -53,6 +53,7 @@ class OutputLayout:
 
 _SPEC_OF = {functional.dw_block: DW_BLOCK, functional.pw_block: PW_BLOCK,
             functional.patch_embed: PATCH_EMBED}
+_FN_OF = {spec.name: fn for fn, spec in _SPEC_OF.items()}
 
 # The global module hooks (torch.nn.modules.module.register_module_forward_hook & co.):
 # the dicts are created once and filled in place, so holding them here is a cheap check.
@@ -129,49 +130,103 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
     return None
 
 
-def _stock_path(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
-                owner: FusedOptions, layout: dict) -> bool:
-    """Whether this call runs the stock child modules (the ``native`` backend chosen for
-    this input: explicitly, or by ``auto``'s tuning table). The answer is kept per module
-    and input signature (shape, strides, dtype, device, mode), so a repeated call costs a
-    dict lookup."""
+def _geometry_reason(spec: BlockSpec, conv: nn.Conv2d) -> Optional[str]:
+    """Why ``conv`` (changed since the module was built) is not the convolution ``spec``'s
+    fused op computes, or None: zero padding, no dilation, and a square kernel with
+    depthwise 'same' (odd k, stride 1), 1x1 or non-overlapping-patch geometry."""
+    k = conv.kernel_size
+    if conv.padding_mode != "zeros" or conv.dilation != (1, 1) or k[0] != k[1]:
+        pass
+    elif spec.depthwise:
+        if (conv.stride == (1, 1) and k[0] % 2 == 1 and conv.groups == conv.in_channels
+                == conv.out_channels and conv.padding in ("same", (k[0] // 2, k[0] // 2))):
+            return None
+    elif conv.groups == 1 and conv.padding in ((0, 0), "valid") and (
+            conv.stride == k if spec.patch else (k == (1, 1) and conv.stride == (1, 1))):
+        return None
+    return (f"the conv ({conv}) is not the convolution {spec.name} computes "
+            "(padding mode, dilation, stride, padding or groups changed)")
+
+
+_FUSED = object()  # route: the fused op
+
+
+def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
+                  owner: FusedOptions, layout: dict) -> Any:
+    """How this call runs: ``_FUSED`` (the fused op), None (the stock child modules, their
+    output as they return it) or a ``torch.memory_format`` (the stock child modules, their
+    output laid out in it). The stock children run where the backend chosen for this input
+    is ``native`` (explicitly, or by ``auto``'s tuning table); their output keeps the stock
+    layout unless ``memory_format`` was set on this module (``ConvMixer`` sets it on its
+    blocks): converting a converted stock model's outputs to the class default would cost
+    a copy the stock model does not make (2x on a CPU pw_block). The answer is kept per
+    module and input signature (shape, strides, dtype, device, mode, options), so a
+    repeated call costs one key and a dict lookup."""
     if (not isinstance(x, Tensor) or owner.sync_bn or torch.compiler.is_compiling()
             or (owner.memory_saving and owner.backend in (None, "auto")
-                and os.environ.get(backends.ENV_VAR, "auto") == "auto")):
+                and backends.env_backend() in (None, "auto"))):
         # memory saving under auto: our ops (the stock path cannot recompute to save memory)
         # under torch.compile the functional API runs the same composite (F.conv2d, act,
         # F.batch_norm): tracing the stock child modules of a ConvMixerLayer gave wrong
         # running statistics for its depthwise block under aot_eager (torch 2.11)
-        return False
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    w = conv.weight
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    key = (id(conv), x.shape, x.stride(), x.dtype, x.device, training or needs_grad, bn.eps,
-           owner.backend, os.environ.get(backends.ENV_VAR), backends.generation())
+        return _FUSED
+    train = bn.training or (bn.running_mean is None and bn.running_var is None) or (
+        torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+    fmt = layout.get("memory_format", _KEEP) if "memory_format" in owner.__dict__ else _KEEP
+    key = (id(conv), x.shape, x.stride(), x.dtype, x.device, train, bn.eps, owner.backend,
+           backends.env_backend(), backends.generation(), fmt)
     routes = owner.__dict__.get("_ck_routes")
     if routes is None or len(routes) > 64:
         routes = owner.__dict__["_ck_routes"] = {}
-    route = routes.get(key)
-    if route is None:
-        route = routes[key] = _choose_stock(spec, x, conv, act, bn, owner, training or needs_grad)
+    route = routes.get(key, _MISSING)
+    if route is _MISSING:
+        route = _FUSED
+        name = _choose(spec, x, conv, act, bn, owner, train)
+        if name is not None and getattr(backends.get(name), "runs_composite", False):
+            route = None
+            if fmt is not _KEEP and not spec.residual:
+                route = out_memory_format(resolve_out_format(fmt, x))
+            routes[key] = route
+        # (the fused route is stored by run_fused once the functional API has accepted
+        # this signature: the eager-inference shortcut skips the validation)
+        elif name is not None and not train and type(x) is Tensor:
+            route = _Inference(backends.get(name), _activations.name_of(act),
+                               resolve_out_format(layout["memory_format"], x)
+                               if "memory_format" in layout else None, key)
+        else:
+            routes[key] = route
     return route
 
 
-def _choose_stock(spec, x, conv, act, bn, owner, train) -> bool:
+class _Inference(tuple):
+    """Route: eager inference (running statistics, no grad) by the backend's kernel itself,
+    for a signature the functional API has validated (``run_fused``)."""
+
+    def __new__(cls, backend, activation, out_format, key):
+        return super().__new__(cls, (backend, activation, out_format, key))
+
+
+_MISSING = object()
+_KEEP = object()  # no memory_format set on the module: the stock layout
+
+
+def _choose(spec, x, conv, act, bn, owner, train) -> Optional[str]:
+    """The backend ``auto`` (or the module's choice) runs for this input; None where the
+    functional API will raise (it names the argument)."""
     if x.dim() != 4:
-        return False
+        return None
     w = conv.weight
     if x.shape[1] != conv.in_channels or x.dtype != w.dtype or x.device != w.device or x.numel() == 0:
-        return False  # the functional API raises its error naming the argument
+        return None  # the functional API raises its error naming the argument
     if not (isinstance(bn.eps, float) and 0 < bn.eps < float("inf")):
-        return False
+        return None
     activation = _activations.name_of(act)
     try:
         name = backends.resolve(owner.backend, spec.name, x, "train" if train else "eval",
                                 activation or "gelu", conv.kernel_size[0], conv.out_channels)
     except (ValueError, TypeError, backends.BackendUnavailable):
-        return False  # the functional API raises the error with its message
-    return getattr(backends.get(name), "runs_composite", False)
+        return None  # the functional API raises the error with its message
+    return name
 
 
 def _run_stock(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
@@ -188,6 +243,34 @@ def _run_stock(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: 
     return y.contiguous(memory_format=fmt)
 
 
+def _run_native(x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(act(conv(x)))`` as the stock modules compute it, the same ATen calls with the
+    same arguments, for children that ``_stock_reason`` passed (the exact stock classes, no
+    hooks, so each ``__call__`` would only run ``forward``). The calls that ``forward`` would
+    wrap in Python are made directly (the per-call budget: this path must cost no more host
+    time than the stock modules); where ``forward`` does more than one ATen call with
+    fixed arguments (a padding mode other than zeros, BatchNorm's training bookkeeping,
+    no running statistics), ``forward`` itself runs."""
+    p = conv._parameters
+    if conv.padding_mode == "zeros":  # nn.Conv2d._conv_forward
+        y = torch.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation,
+                         conv.groups)
+    else:
+        y = conv.forward(x)
+    if type(act) is nn.GELU:
+        y = F.gelu(y, approximate=act.approximate)  # a builtin: no Python wrapper
+    else:
+        y = torch.relu_(y) if act.inplace else torch.relu(y)  # F.relu
+    b = bn._buffers
+    if bn.training or b["running_mean"] is None or b["running_var"] is None:
+        return bn.forward(y)
+    # nn.BatchNorm2d.forward in eval with running statistics: F.batch_norm(training=False)
+    bp = bn._parameters
+    return torch.batch_norm(y, bp["weight"], bp["bias"], b["running_mean"], b["running_var"],
+                            False, 0.0 if bn.momentum is None else bn.momentum, bn.eps,
+                            torch.backends.cudnn.enabled)
+
+
 def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
               bn: nn.BatchNorm2d, owner: FusedOptions, **layout: Any) -> Tensor:
     """Run ``bn(act(conv(x)))`` (plus the residual for ``dw_block``) as one fused op,
@@ -200,15 +283,45 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
     reason = _stock_reason(x, conv, act, bn)
     if reason is _EMPTY and owner.sync_bn and bn.training:
         reason = None  # a rank's empty share of a synchronized batch: it must join the all-reduce
+    if reason is None:
+        reason = _geometry_reason(spec, conv)
     if reason is not None:
         return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
-    if _stock_path(spec, x, conv, act, bn, owner, layout):
-        # The stock modules' own output layout unless memory_format was set on this module
-        # (ConvMixer sets it on its blocks): converting a converted stock model's outputs to
-        # the class default would cost a copy the stock model does not make (2x on a CPU
-        # pw_block).
-        return _run_stock(spec, x, conv, act, bn,
-                          layout if "memory_format" in owner.__dict__ else None)
+    route = _native_route(spec, x, conv, act, bn, owner, layout)
+    if route is _FUSED:
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
+    if type(route) is _Inference:
+        routes = owner.__dict__["_ck_routes"]
+        if route[3] not in routes:  # this signature's first call: the functional API checks it
+            out = _run_functional(fn, x, conv, act, bn, owner, layout)
+            routes[route[3]] = route
+            return out
+        if (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and type(x) is Tensor and not torch._C._len_torch_dispatch_stack()
+                and not torch._C._is_torch_function_mode_enabled()):
+            return _run_inference(spec, route, x, conv, bn)
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
+    y = _run_native(x, conv, act, bn)
+    if spec.residual:
+        return y + x
+    return y if route is None else y.contiguous(memory_format=route)
+
+
+def _run_inference(spec: BlockSpec, route: "_Inference", x: Tensor, conv: nn.Conv2d,
+                   bn: nn.BatchNorm2d) -> Tensor:
+    """Eager inference by the backend's kernel, without the op's autograd and dispatch
+    layers (nothing to record: no grad, no tracer, no mode): what the op would run."""
+    backend, activation, out_format, _ = route
+    p, bp, b = conv._parameters, bn._parameters, bn._buffers
+    with block_range(_FN_OF[spec.name]):
+        return backend.block_forward(spec, x, p["weight"], p["bias"], bp["weight"], bp["bias"],
+                                     b["running_mean"], b["running_var"], False, float(bn.eps),
+                                     activation, False, out_format)[0]
+
+
+def _run_functional(fn, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
+                    owner: FusedOptions, layout: dict) -> Tensor:
+    """The fused op through the functional API, with BatchNorm's bookkeeping."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

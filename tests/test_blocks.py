@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import convmixer_kernels as ck
+from convmixer_kernels import modules
 from convmixer_kernels._activations import ACTIVATIONS
 from convmixer_kernels.spec import output_memory_format
 
@@ -62,8 +63,9 @@ def run_case(op, shape, cout, k, activation, dtype, layout, training, backend, d
     assert out.dtype == dtype
     # dw_block follows its input's layout; the GEMM blocks write channels_last by default,
     # except where the module ran the stock path (native, or auto's choice), which keeps the
-    # stock modules' own layout (modules._stock_path caches that route per input)
-    took_stock = any(fused.__dict__.get("_ck_routes", {}).values())
+    # stock modules' own layout (modules._native_route caches that route per input)
+    took_stock = any(r is not modules._FUSED and type(r) is not modules._Inference
+                     for r in fused.__dict__.get("_ck_routes", {}).values())
     if op != "dw_block" and took_stock:
         assert out.stride() == lows[0].stride()
     else:

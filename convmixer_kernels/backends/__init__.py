@@ -97,11 +97,27 @@ def check_name(backend: object, arg: str = "backend") -> str:
     return backend
 
 
+# os.environ.get costs about 1 us (key encoding, a Mapping method); the per-call paths read
+# the variable through os.environ's own store (kept in step with os.environ by os itself)
+# where there is one.
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def env_backend() -> Optional[str]:
+    """The value of ``CONVMIXER_KERNELS_BACKEND`` now (None when unset); read at each call."""
+    if _ENV_STORE is not None and _ENV_KEY is not None:
+        v = _ENV_STORE.get(_ENV_KEY)
+        return None if v is None else os.environ.decodevalue(v)
+    return os.environ.get(ENV_VAR)
+
+
 def requested(backend: Optional[str]) -> str:
     """The backend asked for: the argument, else the environment variable, else 'auto'."""
     if backend is not None:
         return check_name(backend)
-    return check_name(os.environ.get(ENV_VAR, "auto"), arg=f"environment variable {ENV_VAR}")
+    env = env_backend()
+    return check_name("auto" if env is None else env, arg=f"environment variable {ENV_VAR}")
 
 
 def _fallback(op: str, x: Tensor) -> tuple[str, str]:
@@ -147,7 +163,7 @@ def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
 
 def _key(backend, op, x, mode, activation, k, cout) -> tuple:
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return (backend, os.environ.get(ENV_VAR), op, x.device.type, x.dtype, cl, tuple(x.shape),
+    return (backend, env_backend(), op, x.device.type, x.dtype, cl, tuple(x.shape),
             mode, activation, k, cout)
 
 

@@ -1,0 +1,208 @@
+"""The modules' per-call host path (issue 20, part 5; docs/design.md "The per-call path").
+
+* ``native`` route: the stock child modules' ATen calls made directly; bitwise the stock
+  modules' outputs, running statistics, counters and gradients.
+* eager-inference shortcut: from a signature's second call, eval + no grad runs the
+  backend's kernel without the op's autograd/dispatch layers; bitwise the op's result, and
+  never taken with grad enabled, under a dispatch mode or a tracer.
+* a conv whose geometry was changed after construction runs the stock modules.
+* ``backends.env_backend`` follows ``os.environ``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convmixer_kernels import backends, modules
+from convmixer_kernels.modules import DepthwiseBlock, PatchEmbed, PointwiseBlock
+
+KERNEL_BACKENDS = [b for b in ("cpu", "reference") if b in backends.names()
+                   and backends.get(b).unavailable("dw_block", torch.empty(1, 1, 1, 1)) is None]
+
+
+def _make(kind: str, backend: str, activation: str = "gelu", momentum=0.1):
+    torch.manual_seed(0)
+    if kind == "dw":
+        m, x = DepthwiseBlock(6, 3, activation, momentum=momentum, backend=backend), torch.randn(2, 6, 5, 5)
+    elif kind == "pw":
+        m, x = PointwiseBlock(6, 5, activation, momentum=momentum, backend=backend), torch.randn(2, 6, 4, 4)
+    else:
+        m, x = PatchEmbed(3, 6, 2, activation, momentum=momentum, backend=backend), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # non-trivial BatchNorm state
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for bn in (mm for mm in m.modules() if isinstance(mm, nn.BatchNorm2d)):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return m, x
+
+
+def _stock(m: nn.Module) -> nn.Module:
+    if isinstance(m, DepthwiseBlock):
+        seq = copy.deepcopy(m.fn)
+
+        class Residual(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fn = seq
+
+            def forward(self, x):
+                return self.fn(x) + x
+
+        return Residual()
+    return nn.Sequential(*[copy.deepcopy(c) for c in m])
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = modules._run_inference
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "_run_inference", wrapped)
+    return calls
+
+
+# --- native route ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["dw", "pw", "patch"])
+@pytest.mark.parametrize("activation,momentum", [("gelu", 0.1), ("relu", None), ("gelu_tanh", 0.3)])
+def test_native_route_is_the_stock_modules_bit_for_bit(kind, activation, momentum):
+    m, x = _make(kind, "native", activation, momentum)
+    if kind != "dw":
+        m.memory_format = None  # the stock modules' own layout
+    ref = _stock(m)
+    for training in (True, False, True):
+        m.train(training)
+        ref.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = m(xa), ref(xb)
+        assert torch.equal(ya, yb) and ya.stride() == yb.stride()
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(xa.grad, xb.grad)
+        for (na, pa), (nb, pb) in zip(m.named_parameters(), ref.named_parameters()):
+            assert torch.equal(pa.grad, pb.grad), na
+        for (na, ba), (nb, bb) in zip(m.named_buffers(), ref.named_buffers()):
+            assert torch.equal(ba, bb), na
+        with torch.no_grad():
+            assert torch.equal(m(x), ref(x))
+
+
+def test_native_route_relu_inplace_and_eval_without_running_stats():
+    m, x = _make("pw", "native", "relu")
+    m.memory_format = None
+    m[1].inplace = True
+    m[2].track_running_stats = False
+    m[2].running_mean = m[2].running_var = None
+    ref = _stock(m)
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+# --- eager-inference shortcut --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["dw", "pw", "patch"])
+def test_inference_shortcut_equals_the_op(kind, backend, spy):
+    m, x = _make(kind, backend)
+    m.eval()
+    with torch.no_grad():
+        first = m(x)  # the functional API: validates this signature
+        assert spy == []
+        second = m(x)  # the shortcut
+    assert spy == [{"dw": "dw_block", "pw": "pw_block", "patch": "patch_embed"}[kind]]
+    assert torch.equal(first, second) and first.stride() == second.stride()
+    ref = _stock(m).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(second, ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inference_shortcut_not_taken_with_grad(backend, spy):
+    m, x = _make("pw", backend)
+    m.eval()
+    m[0].weight.requires_grad_(False)  # only BN's affine parameters train
+    m[0].bias.requires_grad_(False)
+    with torch.no_grad():
+        m(x)
+    y = m(x)  # grad enabled: BN weight and bias need gradients
+    assert spy == [] and y.requires_grad
+    y.sum().backward()
+    assert m[2].weight.grad is not None and m[0].weight.grad is None
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inference_shortcut_not_taken_under_a_dispatch_mode_or_tracer(backend, spy):
+    m, x = _make("dw", backend)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+        m(x)
+        assert len(spy) == 1
+        with _Recorder() as rec:
+            m(x)
+    assert len(spy) == 1
+    assert any("convmixer_kernels.dw_block_forward" in op for op in rec.ops), rec.ops
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(t):
+        with torch.no_grad():
+            return m(t)
+
+    gm = make_fx(f)(x)
+    assert len(spy) == 1
+    assert "convmixer_kernels.dw_block_forward" in gm.code
+
+
+# --- geometry changed after construction -------------------------------------------
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["native"])
+def test_changed_conv_geometry_runs_the_stock_modules(backend):
+    m, x = _make("dw", backend)
+    m.eval()
+    m.fn[0].padding_mode = "reflect"
+    with torch.no_grad():
+        assert torch.equal(m(x), m.fn(x) + x)
+    p, img = _make("patch", backend)
+    p.eval()
+    p.memory_format = None
+    p[0].stride = (1, 1)  # overlapping patches: no longer a patch embedding
+    with torch.no_grad():
+        assert torch.equal(p(img), nn.Sequential(*p)(img))
+
+
+# --- the environment variable ------------------------------------------------------
+
+def test_env_backend_follows_os_environ(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.env_backend() is None
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.env_backend() == "reference" == os.environ[backends.ENV_VAR]
+    monkeypatch.setenv(backends.ENV_VAR, "")
+    assert backends.env_backend() == ""
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        backends.requested(None)
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.env_backend() is None and backends.requested(None) == "auto"
