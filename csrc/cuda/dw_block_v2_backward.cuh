@@ -228,10 +228,12 @@ __device__ __forceinline__ void stage_dz(const BwdArgs<T>& a, float* ws, int64_t
     load_unit<T>(a.dy + pbase + off, a.vec, a.W - col, dyv);
     load_unit<T>(a.z + pbase + off, a.vec, a.W - col, zv);
     const bool own = h >= h0 && h < h0 + S::TR;
+    const int nvalid = a.W - col;  // >= 8 on the 16-byte path
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      float xhat;
-      d[c] = dz_of<ACT>(zv[c], dyv[c], k, a.train, xhat);  // 0 where the unit passes W (dy = z = 0)
+      float xhat = 0.0f;
+      // past W (scalar path) dy = z = 0, but in training dz(0, 0) = act'(0) * (-mg + ...) != 0
+      d[c] = c < nvalid ? dz_of<ACT>(zv[c], dyv[c], k, a.train, xhat) : 0.0f;
       if (own) {
         sdz += d[c];
         sdy += dyv[c];
