@@ -201,18 +201,36 @@ struct Chan {
   float mean, inv, gw, mg, mgx;
 };
 
-// dz and xhat of one element, v1's formulas (bwd_elem_kernel) in the same order.
+// dz and xhat of one element, v1's formulas (bwd_elem_kernel) in the same order. Exact GELU:
+// one erff and one expf for act(z) and act'(z) together (act_fwd / act_bwd of v1 each have
+// their own); z * (0.5 (1 + erf)) is bitwise v1's 0.5 z (1 + erf) (scaling by 0.5 is exact).
 template <int ACT>
 __device__ __forceinline__ float dz_of(float z, float dy, const Chan& k, bool train, float& xhat) {
-  xhat = (act_fwd(z, ACT) - k.mean) * k.inv;
+  float a, dadz;
+  if constexpr (ACT == kGelu) {
+    const float cdf = 0.5f * (1.0f + erff(z * 0.7071067811865476f));
+    const float pdf = expf(-0.5f * z * z) * 0.3989422804014327f;
+    a = z * cdf;
+    dadz = cdf + z * pdf;
+  }
+  if constexpr (ACT == kGelu) {
+    xhat = (a - k.mean) * k.inv;
+  } else {
+    xhat = (act_fwd(z, ACT) - k.mean) * k.inv;
+  }
   const float gv = dy * k.gw;  // gw = 1 without a BN weight: dy * 1 == dy
   const float da = train ? (gv - k.mg - xhat * k.mgx) * k.inv : gv * k.inv;
-  return act_bwd(z, da, ACT);
+  if constexpr (ACT == kGelu) {
+    return da * dadz;
+  } else {
+    return act_bwd(z, da, ACT);
+  }
 }
 
 // Stage 1: dz of the image rows h0 - PAD .. h0 + TR + PAD - 1 of the lane's plane into ws
 // (zeroed before), and the lane's share of the tile sums over rows h0 .. h0 + TR - 1.
-template <int ACT, typename T, int K, int QC, int R>
+// VEC: 16-byte units, all 8 columns in the image (no per-element checks).
+template <int ACT, bool VEC, typename T, int K, int QC, int R>
 __device__ __forceinline__ void stage_dz(const BwdArgs<T>& a, float* ws, int64_t pbase, bool pvalid, int h0,
                                          int sl, const Chan& k, float& sdz, float& sdy, float& sdyx) {
   using S = Tile<K, QC, R>;
@@ -225,10 +243,10 @@ __device__ __forceinline__ void stage_dz(const BwdArgs<T>& a, float* ws, int64_t
     if (col >= a.W) continue;
     const int off = h * a.W + col;
     float dyv[8], zv[8], d[8];
-    load_unit<T>(a.dy + pbase + off, a.vec, a.W - col, dyv);
-    load_unit<T>(a.z + pbase + off, a.vec, a.W - col, zv);
+    load_unit<T>(a.dy + pbase + off, VEC, a.W - col, dyv);
+    load_unit<T>(a.z + pbase + off, VEC, a.W - col, zv);
     const bool own = h >= h0 && h < h0 + S::TR;
-    const int nvalid = a.W - col;  // >= 8 on the 16-byte path
+    const int nvalid = VEC ? 8 : a.W - col;
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       float xhat = 0.0f;
@@ -244,6 +262,15 @@ __device__ __forceinline__ void stage_dz(const BwdArgs<T>& a, float* ws, int64_t
     dst[0] = make_float4(d[0], d[1], d[2], d[3]);
     dst[1] = make_float4(d[4], d[5], d[6], d[7]);
   }
+}
+
+template <int ACT, typename T, int K, int QC, int R>
+__device__ __forceinline__ void stage_dz_any(const BwdArgs<T>& a, float* ws, int64_t pbase, bool pvalid, int h0,
+                                             int sl, const Chan& k, float& sdz, float& sdy, float& sdyx) {
+  if (a.vec)
+    stage_dz<ACT, true, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
+  else
+    stage_dz<ACT, false, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
 }
 
 template <typename T, int K, int QC, int R>
@@ -282,13 +309,13 @@ __global__ void __launch_bounds__(THREADS_B) bwd_kernel(const BwdArgs<T> a) {
   float sdz = 0.0f, sdy = 0.0f, sdyx = 0.0f;
   switch (a.act) {
     case kGelu:
-      stage_dz<kGelu, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
+      stage_dz_any<kGelu, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
       break;
     case kGeluTanh:
-      stage_dz<kGeluTanh, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
+      stage_dz_any<kGeluTanh, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
       break;
     default:
-      stage_dz<kRelu, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
+      stage_dz_any<kRelu, T, K, QC, R>(a, ws, pbase, pvalid, h0, sl, k, sdz, sdy, sdyx);
       break;
   }
   __syncwarp();
