@@ -42,6 +42,8 @@
 // forward runs instead of conv_kernel for the calls it covers (eval, NCHW-contiguous,
 // k in {3, 5, 7, 9}, W <= 32) unless the environment sets CONVMIXER_KERNELS_CUDA_DW_V2=0
 // (read at each call). It is not yet validated on a GPU; the kernels here serve every other call.
+// The v2 backward (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD
+// conv and wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>

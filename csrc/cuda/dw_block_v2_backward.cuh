@@ -30,7 +30,9 @@
 //     sub-warp's lanes (fixed order) and one lane stores the tile's partial of each tap.
 // Partial sums: part[(row * C + c) * S + s], row = n * tiles_h + tile, S = K*K + 3 (the taps in
 // weight order, sum dz, sum dy, sum dy * xhat); a column-sum kernel in double adds the rows in
-// order. No atomics: the results are bitwise reproducible run to run.
+// order. No atomics: the results are bitwise reproducible run to run. Slots of gradients not
+// asked for (the taps without dweight, the dy sums in training) are not written; their column
+// sums are computed and ignored.
 //
 // stats_kernel (training only; the pass before bwd_kernel, since dz needs the batch sums):
 // per-tile sums of dy and dy * xhat over the tile's rows, part[(row * C + c) * 2 + s].
