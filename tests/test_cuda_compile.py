@@ -98,6 +98,7 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             assert sum("eval_kernel" in fn for fn, *_ in report) == want, f"expected {want} v2 kernels"
         if src.endswith("dw_block_v2_backward.cu"):
             want = 2 if defines else 24  # 3 dtypes x 4 k x 2 tiles
-            assert sum("bwd_kernel" in fn for fn, *_ in report) == want, f"expected {want} v2 backward kernels"
+            got = sum("bwd_kernel" in fn for fn, *_ in report)
+            assert got == want, f"expected {want} v2 backward kernels, got {got}"
             assert sum("stats_kernel" in fn for fn, *_ in report) == 6, "expected 6 v2 stats kernels"
     assert not problems, "\n".join(problems)
