@@ -1,4 +1,5 @@
-"""The register-blocked eval forward (v2) of the CUDA depthwise block (csrc/cuda/dw_block_v2.*).
+"""The register-blocked eval forward (v2) of the CUDA depthwise block (csrc/cuda/dw_block_v2.*),
+and its backward (csrc/cuda/dw_block_v2_backward.*, the cases at the end of this file).
 
 The cuda backend's eval forward runs v2 for NCHW-contiguous inputs with k in {3, 5, 7, 9} and
 W <= 32 (docs/cuda-depthwise.md); CONVMIXER_KERNELS_CUDA_DW_V2=0 keeps the first kernels.
@@ -16,6 +17,7 @@ import torch
 from convmixer_kernels import _cpp_lib, reference
 from convmixer_kernels.spec import DW_BLOCK
 
+from conftest import assert_close_to_oracle
 from test_cuda_backend import check, close, cuda_args, needs_gpu, to_oracle
 
 pytestmark = [pytest.mark.cuda, needs_gpu]
@@ -114,3 +116,159 @@ def test_v2_eval_then_backward():
     oracle = reference.backward(DW_BLOCK, *to_oracle(bargs))
     for name, g, w, o in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), got, want, oracle):
         check(name, g, w, torch.float32, o)
+
+
+# ---- v2 backward (csrc/cuda/dw_block_v2_backward.*) ----------------------------------------
+# dw_block_backward_kernel runs v2 for NCHW-contiguous x, grad_out and preact with k in
+# {3, 5, 7, 9} and W <= 32 when dx, dweight or dbias is asked for (docs/cuda-depthwise.md,
+# "v2 backward"). The switch is set to "1" explicitly so that these cases test v2 whatever
+# the switch's default is.
+
+GRAD_NAMES = ("dx", "dweight", "dbias", "dbn_weight", "dbn_bias")
+
+
+def kernel_backward(bargs):
+    _cpp_lib.load()
+    return torch.ops.convmixer_kernels.dw_block_backward_kernel(*bargs)
+
+
+def oracle_args(args, device):
+    """The arguments in float64 on ``device`` (the CPU, or the GPU for the large shapes where a
+    float64 CPU convolution would take minutes)."""
+    return tuple(a.detach().to(device, torch.float64) if torch.is_tensor(a) and a.is_floating_point() else a
+                 for a in args)
+
+
+def backward_args(shape, k, dtype, training, save_preact, activation="gelu", mask=(True,) * 5):
+    """Fresh random x, parameters and grad_out; mean, var and preact from the reference
+    forward (the batch statistics in training)."""
+    args = cuda_args(shape, k, dtype, "nchw", training, save_preact, activation)
+    out, mean, var, preact = reference.forward(DW_BLOCK, *args)
+    grad = torch.randn(out.shape).to(args[0].device, dtype)
+    return (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation,
+            list(mask))
+
+
+def backward_both(bargs, oracle_device="cpu"):
+    """The kernel op against the float64 oracle with the tolerance rule (conftest), PyTorch's
+    own error being the reference backend run in the kernel's dtype."""
+    got = kernel_backward(bargs)
+    want = reference.backward(DW_BLOCK, *bargs)
+    oracle = reference.backward(DW_BLOCK, *oracle_args(bargs, oracle_device))
+    for name, m, g, w, o in zip(GRAD_NAMES, bargs[-1], got, want, oracle):
+        assert (g.numel() > 0) == bool(m), name
+        if not m:
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {g.shape} {g.dtype}"
+        assert g.device == w.device, name
+        assert_close_to_oracle(name, g, o, lowp=w)
+    if bargs[-1][0]:
+        assert got[0].is_contiguous()
+    return got
+
+
+# (shape, k): both tiles, vec and scalar paths, tiles down the rows (dz halo rows inside the
+# image), 1x1 planes, N = 1, odd plane counts on the two-planes-per-warp tile.
+BWD_SHAPES = [((2, 64, 32, 32), 9), ((4, 48, 16, 16), 5), ((2, 24, 32, 32), 7), ((2, 16, 32, 32), 3),
+              ((1, 7, 1, 1), 3), ((1, 5, 17, 31), 7), ((3, 13, 33, 24), 9), ((2, 3, 9, 16), 5),
+              ((1, 19, 15, 13), 3), ((5, 3, 40, 8), 7), ((2, 11, 70, 32), 5), ((1, 9, 2, 3), 9)]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", BWD_SHAPES, ids=str)
+def test_v2_backward_matches_reference(shape, k, dtype, training, save_preact, activation, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args(shape, k, dtype, training, save_preact, activation))
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
+                                  [False, False, True, True, True], [True, True, False, True, False],
+                                  [False, True, False, False, False]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_output_mask(mask, training, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args((2, 10, 12, 11), 7, torch.float32, training, True, mask=mask))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_no_bn_weight(training, monkeypatch):
+    """bn_weight absent (affine=False): dz uses gw = 1."""
+    monkeypatch.setenv(SWITCH, "1")
+    mask = (True, True, True, False, True)
+    bargs = list(backward_args((2, 12, 32, 32), 9, torch.float32, training, True, mask=mask))
+    bargs[4] = None
+    backward_both(tuple(bargs))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_v2_backward_cifar_shape(dtype, training, monkeypatch):
+    """N=128, C=256, 16x16, k=5: the two-planes-per-warp tile."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args((128, 256, 16, 16), 5, dtype, training, True), oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_headline_shape(training, monkeypatch):
+    """N=64, C=1536, 32x32, k=9, bfloat16, exact GELU (the float64 oracle on the GPU)."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args((64, 1536, 32, 32), 9, torch.bfloat16, training, True), oracle_device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_misaligned_pointers(dtype, training, monkeypatch):
+    """Contiguous x, grad_out and preact whose data pointers are not 16-byte aligned take the
+    scalar path."""
+    monkeypatch.setenv(SWITCH, "1")
+    bargs = list(backward_args((2, 6, 32, 32), 9, dtype, training, True))
+    for i in (0, 1, 7):
+        base = torch.empty(bargs[i].numel() + 1, device=bargs[i].device, dtype=dtype)
+        t = base[1:].view(bargs[i].shape)
+        t.copy_(bargs[i])
+        assert t.is_contiguous() and t.data_ptr() % 16 != 0
+        bargs[i] = t
+    backward_both(tuple(bargs))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_nan_propagates(training, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    bargs = list(backward_args((2, 8, 16, 16), 5, torch.float32, training, True, "relu"))
+    bargs[0] = bargs[0].clone()
+    bargs[0][0, 3, 4, 4] = float("nan")
+    got = kernel_backward(tuple(bargs))
+    want = reference.backward(DW_BLOCK, *bargs)
+    for name, g, w in zip(GRAD_NAMES, got, want):
+        close(name, g, w, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((8, 96, 32, 32), 9), ((16, 64, 16, 16), 5), ((3, 13, 33, 24), 7)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_bitwise_deterministic(shape, k, dtype, training, monkeypatch):
+    """No atomics: per-tile partial sums reduced in a fixed order, so two runs agree bit for bit."""
+    monkeypatch.setenv(SWITCH, "1")
+    bargs = backward_args(shape, k, dtype, training, True)
+    first = kernel_backward(bargs)
+    for _ in range(2):
+        again = kernel_backward(bargs)
+        for name, a, b in zip(GRAD_NAMES, first, again):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_backward_agrees_with_v1(dtype, training, monkeypatch):
+    """CONVMIXER_KERNELS_CUDA_DW_V2=0 runs the first backward; both agree within the tolerance."""
+    bargs = backward_args((2, 24, 32, 32), 9, dtype, training, True)
+    monkeypatch.setenv(SWITCH, "1")
+    v2 = kernel_backward(bargs)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_backward(bargs)
+    for name, a, b in zip(GRAD_NAMES, v2, v1):
+        close(name, a, b, dtype)

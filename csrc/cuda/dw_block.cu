@@ -42,6 +42,8 @@
 // forward runs instead of conv_kernel for the calls it covers (eval, NCHW-contiguous,
 // k in {3, 5, 7, 9}, W <= 32) unless the environment sets CONVMIXER_KERNELS_CUDA_DW_V2=0
 // (read at each call). It is not yet validated on a GPU; the kernels here serve every other call.
+// The v2 backward (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD
+// conv and wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -59,6 +61,7 @@
 #include "dw_block_common.cuh"
 #include "dw_block_kernels.cuh"
 #include "dw_block_v2.h"
+#include "dw_block_v2_backward.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -274,6 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   const at::Tensor mean32 = mean.to(at::kFloat).contiguous(), var32 = var.to(at::kFloat).contiguous();
   const at::Tensor bnw = f32(bn_weight);
   const double count = static_cast<double>(g.N * g.H * g.W);
+  // v2 backward (dw_block_v2_backward.cu, docs/cuda-depthwise.md "v2 backward"): NCHW, k in
+  // {3, 5, 7, 9}, W <= 32, behind the same switch as the v2 forward. It takes the pre-activation
+  // below (saved, or recomputed by conv_kernel) and replaces the elementwise, dgrad and wgrad
+  // passes. BN-only masks stay on bwd_elem_kernel (one pass already).
+  const bool use_v2 = need_conv && v2_enabled() && dw_block_v2_backward_covers(grad_out, x, preact, g.k);
 
   CONVMIXER_DW_DISPATCH(x.scalar_type(), "dw_block_backward_cuda", [&] {
     // The pre-activation: the saved one, or recomputed from x.
@@ -292,6 +300,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       ca.z = z.data_ptr<scalar_t>();
       ca.s_z = strides_of(z);
       launch_conv(ca);
+    }
+    if (use_v2) {
+      std::tie(dx, dweight, dbias, dbnw, dbnb) =
+          dw_block_v2_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act, need_dx,
+                               need_dw, need_db, need_dbnw, need_dbnb);
+      return;
     }
 
     at::Tensor dz = need_conv ? at::empty(x.sizes(), fopt.memory_format(fmt)) : at::Tensor();
