@@ -352,11 +352,16 @@ __device__ __forceinline__ void train_epilogue(const V2TrainArgs<T>& a, float (&
       zf[cc] = acc[r][cc] + b;
       const float zs = to_f(from_f<T>(zf[cc]));  // the stored pre-activation, as conv_kernel
       const bool valid = rvalid && col0 + cc < a.W;
-      // act for every element (outside the plane it acts on the zero-padded conv, finite
-      // unless the plane holds a NaN/Inf, whose statistics are NaN/Inf anyway), then a select:
-      // no branch per element around the activation
-      const float av = act_fwd(zs, ACT);
-      acc[r][cc] = valid ? av : 0.0f;
+      if constexpr (ACT == kGeluTanh) {
+        // its division has a slow-path call: keep it behind the branch (fewer values live
+        // across the calls; computing it for every element spilled for float16, k = 3 and 5)
+        acc[r][cc] = valid ? act_fwd(zs, ACT) : 0.0f;
+      } else {
+        // act for every element (outside the plane it acts on the zero-padded conv), then a
+        // select: no branch per element around the activation
+        const float av = act_fwd(zs, ACT);
+        acc[r][cc] = valid ? av : 0.0f;
+      }
       sum += acc[r][cc];
     }
     if (!rvalid) continue;
