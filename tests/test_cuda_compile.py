@@ -1,10 +1,12 @@
 """Ahead-of-time compile check of the CUDA depthwise kernels (no GPU needed).
 
 csrc/cuda/dw_block.cu (the first kernels) and csrc/cuda/dw_block_v2.cu (the register-blocked
-eval forward, docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with
-``nvcc -Xptxas -v``; the test fails on a compile error, on any register spill (ptxas'
-"spill stores" / "spill loads" not zero) and when a v2 kernel needs more than 128 registers
-(the occupancy the static estimate in docs/cuda-depthwise.md assumes). Skipped only where
+eval and train forwards: eval_kernel, train_kernel, finalize_kernel, norm_kernel;
+docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
+the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
+loads" not zero), when a v2 tile kernel (eval_kernel, train_kernel) needs more than 128
+registers (the occupancy the static estimate in docs/cuda-depthwise.md assumes), and when a
+v2 kernel is missing from the cubin. Skipped only where
 nvcc is absent. The two files compile in parallel; about 1-2 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -64,8 +66,15 @@ def _ptxas_report(log: str):
     return out
 
 
-# sm_90: every instantiation; sm_80: v2's headline instantiation only (bfloat16, k = 9, both
-# tiles; CONVMIXER_DW_V2_ONLY_K9_BF16) to keep the test near 1-2 minutes on 2 cores.
+# sm_90: every instantiation; sm_80: v2's headline instantiations only (bfloat16, k = 9, both
+# tiles, of eval_kernel and train_kernel; norm_kernel per dtype; finalize_kernel;
+# CONVMIXER_DW_V2_ONLY_K9_BF16) to keep the test near 1-2 minutes on 2 cores.
+V2_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_BF16)
+    "eval_kernel": (24, 2),   # 3 dtypes x 4 k x 2 tiles
+    "train_kernel": (24, 2),
+    "norm_kernel": (3, 3),
+    "finalize_kernel": (1, 1),
+}
 @pytest.mark.parametrize("arch,defines", [("90", []), ("80", ["-DCONVMIXER_DW_V2_ONLY_K9_BF16"])],
                          ids=["sm90", "sm80"])
 def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
@@ -88,9 +97,11 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
         for fn, regs, st, ld in report:
             if st or ld:
                 problems.append(f"{src} sm_{arch} {fn}: {st} bytes spill stores, {ld} bytes spill loads")
-            if "eval_kernel" in fn and regs > V2_MAX_REGS:
+            if ("eval_kernel" in fn or "train_kernel" in fn) and regs > V2_MAX_REGS:
                 problems.append(f"{src} sm_{arch} {fn}: {regs} registers > {V2_MAX_REGS}")
         if src.endswith("dw_block_v2.cu"):
-            want = 2 if defines else 24  # 3 dtypes x 4 k x 2 tiles
-            assert sum("eval_kernel" in fn for fn, *_ in report) == want, f"expected {want} v2 kernels"
+            for name, counts in V2_KERNELS.items():
+                want = counts[1] if defines else counts[0]
+                got = sum(name in fn for fn, *_ in report)
+                assert got == want, f"sm_{arch}: expected {want} v2 {name} instantiations, found {got}"
     assert not problems, "\n".join(problems)
