@@ -195,14 +195,20 @@ def test_v2_train_then_backward(save_preact):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_default_is_v1_while_unvalidated(training, monkeypatch):
-    """Without the opt-in, an unvalidated build runs v1: the same bits as =0."""
+    """Without the switch, an unvalidated build runs v1 (the same bits as =0), a validated
+    one v2 (the same bits as =1). Never skipped, so a rerun on a validated build records too."""
     from convmixer_kernels.backends import validation
-    if validation.is_validated("dw_block_v2"):
-        pytest.skip("this build's v2 source is validated: v2 is the default")
     args = cuda_args((2, 24, 32, 32), 9, torch.bfloat16, "nchw", training, True)
     monkeypatch.delenv(SWITCH, raising=False)
     default = kernel_forward(args)
-    monkeypatch.setenv(SWITCH, "0")
-    v1 = kernel_forward(args)
-    for a, b in zip(default, v1):
+    monkeypatch.setenv(SWITCH, "1" if validation.is_validated("dw_block_v2") else "0")
+    expected = kernel_forward(args)
+    for a, b in zip(default, expected):
         assert torch.equal(a, b)
+    # the switch takes effect: v1 and v2 round the BN affine differently (float32 out)
+    args32 = cuda_args((2, 24, 32, 32), 9, torch.float32, "nchw", training, True)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args32)
+    monkeypatch.setenv(SWITCH, "1")
+    v2 = kernel_forward(args32)
+    assert not torch.equal(v1[0], v2[0]), "v1 and v2 gave the same bits: the switch has no effect"
