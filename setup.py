@@ -78,6 +78,18 @@ def cpu_arch_flags():
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
 
 
+def kernel_source_hash(family="dw_block_v2"):
+    """The sha256 of a GPU kernel family's sources (the list in
+    convmixer_kernels/backends/validation.py, loaded by path: no package import), compiled
+    into the extension so that the validation manifest is compared with what was built."""
+    import importlib.util
+    path = os.path.join(ROOT, "convmixer_kernels", "backends", "validation.py")
+    spec = importlib.util.spec_from_file_location("_convmixer_validation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.source_hash(family, ROOT)
+
+
 def sources_of(*patterns):
     return sorted(f for p in patterns for f in glob.glob(os.path.join(*p.split("/"))))
 
@@ -98,6 +110,7 @@ def extension(name, cpp_patterns, cu_patterns):
     cxx += ["-DCONVMIXER_WITH_CUDA", f'-DCONVMIXER_CUDA_ARCH_LIST="{arch}"']
     nvcc = ["-O0", "-lineinfo"] if DEBUG else ["-O3"]
     nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler=-g0" if not DEBUG else "-g"]
+    nvcc += [f'-DCONVMIXER_DW_V2_SOURCE_HASH="{kernel_source_hash()}"']  # the validation gate
     sources += sources_of(*cu_patterns)
     return CUDAExtension(name, sources, include_dirs=cuda_include_dirs(),
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
@@ -116,7 +129,8 @@ setup(
     version="0.1.0",
     description="Fused GPU and CPU kernels for ConvMixer layers",
     packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
-    package_data={"convmixer_kernels": ["tuning/*.json"]},  # the shipped tuning tables
+    # the shipped tuning tables and the GPU validation manifest (backends/validation.py)
+    package_data={"convmixer_kernels": ["tuning/*.json", "validated/*.json"]},
     python_requires=">=3.9",
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},

@@ -66,6 +66,10 @@ def _try_load() -> tuple[ModuleType | None, str | None]:
         return None, (f"convmixer_kernels._C was built against torch {built}, but torch "
                       f"{torch.__version__} is installed: rebuild with "
                       "`pip install --no-build-isolation -e .`")
+    # The v2 CUDA kernels' gate: on only where the manifest validates this build's source
+    # (convmixer_kernels.backends.validation); never raises.
+    from .backends import validation
+    validation.sync_extension()
     return module, None
 
 

@@ -33,6 +33,16 @@
 #   models.csv      the four ConvMixers, inference + training step, bf16, batch 64
 #   paper.csv       `bench --paper`: the ConvMixers beside the timm models, same run
 #   caches.tgz      Triton + Inductor caches (CACHES_OUT=0: none), to carry into the next call
+#                   (left out when 8 files are already there)
+#   validated-cuda.json   the GPU validation manifest with this run's entry, written only when
+#                   every test of tests/test_cuda_dw_block_v2.py ran and passed in the `-m cuda`
+#                   piece (convmixer_kernels/backends/validation.py: device, commit, tests
+#                   passed, the sha256 of the v2 kernel sources the tested build was compiled
+#                   from). To validate v2, commit it as convmixer_kernels/validated/cuda.json:
+#                     cp <files_at>/validated-cuda.json convmixer_kernels/validated/cuda.json
+#                     git commit -m "validated: dw_block_v2 on <device>" convmixer_kernels/validated/cuda.json
+#                   It validates exactly that source: any later change of a listed file needs a
+#                   new GPU run. Until then the cuda backend runs v1 (opt in: CONVMIXER_KERNELS_CUDA_DW_V2=1).
 #
 # Stages (in this order; each has a wall-clock limit, also capped by what is left of
 # GPU_CHECK_BUDGET less 20 s kept for packing up):
@@ -43,7 +53,8 @@
 #   info    INFO_TIMEOUT=30     nvidia-smi, versions, `convmixer_kernels info`, triton_key check
 #   test    TEST_TIMEOUT=170    pieces, in order: `-m cuda`; gpu-carry/changed-tests.txt (the
 #           kernels changed since the last GPU run); the other files in TEST_PIECES=2 pieces;
-#           `-m slow` last. Each piece TEST_PIECE_TIMEOUT=110 at most; TEST_WORKERS=8 (xdist),
+#           `-m slow` last; then `validate` (the manifest above, from the `-m cuda` piece's JUnit
+#           report). Each piece TEST_PIECE_TIMEOUT=110 at most; TEST_WORKERS=8 (xdist),
 #           TEST_CASE_TIMEOUT=120 (pytest-timeout), TEST_FILES (restrict to these files)
 #   tune    TUNE_TIMEOUT=70     `tune --device cuda --out $OUT/tuning-<family>.json` TUNE_ARGS
 #   bench   BENCH_TIMEOUT=100   `bench --full --suites ops --dtypes bfloat16 --min-run-time 0.1
@@ -295,11 +306,17 @@ if has_stage test; then
     tl=$(( tdeadline - $(now) )); [ "$tl" -gt "${TEST_PIECE_TIMEOUT:-110}" ] && tl=${TEST_PIECE_TIMEOUT:-110}
     [ "$tl" -lt 0 ] && tl=0
     STEP_NOTE_CMD='tail -4 "$PYLOG" | grep -E "passed|failed|skipped|error|no tests ran|deselected" | tail -1 | tr -d "="'
+    junit=(); [ "$name" = cuda ] && junit=(--junitxml "$SCRATCH/junit-cuda.xml")
     # shellcheck disable=SC2086
-    run_step test "$name" "$tl" "$PYLOG" "$PY" -m pytest "${targs[@]}" -m "$marker" $files
+    run_step test "$name" "$tl" "$PYLOG" "$PY" -m pytest "${targs[@]}" "${junit[@]}" -m "$marker" $files
     STEP_NOTE_CMD=""
   done
   grep -E "^(FAILED|ERROR)" "$PYLOG" | head -40 | tee -a "$LOG"
+  # The validation manifest: written only when the v2 family's GPU tests all ran and passed
+  # (rc 5, "none": none of them ran, e.g. a dry run; rc 1: some failed or skipped, not written).
+  vcommit=$(sed -n 's/^commit=//p' "$CARRY/BUILD_INFO" 2>/dev/null | head -1)
+  run_step test validate 30 "$LOG" "$PY" -m convmixer_kernels.tools.validate record \
+      --junit "$SCRATCH/junit-cuda.xml" --out "$OUT/validated-cuda.json" ${vcommit:+--commit "$vcommit"}
 fi
 
 # -- tune ----------------------------------------------------------------------------------
@@ -369,7 +386,9 @@ if has_stage paper; then
 fi
 
 # -- pack up: caches, limits, summary ------------------------------------------------------
-if [ "${CACHES_OUT:-1}" = 1 ]; then
+if [ "${CACHES_OUT:-1}" = 1 ] && [ "$(find "$OUT" -type f ! -name caches.tgz | wc -l)" -ge 8 ]; then
+  rm -f "$OUT/caches.tgz"; say "caches.tgz: left out (8 files already under OUT)"
+elif [ "${CACHES_OUT:-1}" = 1 ]; then
   rm -f "$OUT/caches.tgz"
   for what in "triton inductor" "triton"; do
     # shellcheck disable=SC2086

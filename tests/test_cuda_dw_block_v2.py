@@ -1,13 +1,16 @@
-"""The register-blocked eval forward (v2) of the CUDA depthwise block (csrc/cuda/dw_block_v2.*),
-and its backward (csrc/cuda/dw_block_v2_backward.*, the cases at the end of this file).
+"""The register-blocked v2 kernels of the CUDA depthwise block: the eval forward and the train
+forward (conv + per-tile statistics, finalize, normalise; csrc/cuda/dw_block_v2.*) and the
+backward (csrc/cuda/dw_block_v2_backward.*, the cases under "v2 backward").
 
-The cuda backend's eval forward runs v2 for NCHW-contiguous inputs with k in {3, 5, 7, 9} and
-W <= 32 (docs/cuda-depthwise.md); CONVMIXER_KERNELS_CUDA_DW_V2=0 keeps the first kernels.
-These tests (marked ``cuda``, skipped without a GPU) compare v2 with the reference backend
-at the issue's shapes and awkward ones: odd H and W (the scalar load/store path), 1x1 planes,
-C not a multiple of anything, N = 1, H taller than a tile, an odd plane count on the
-two-planes-per-warp tile, a misaligned data pointer, NaN, and the switch back to v1.
-Until a GPU run has passed them, v2 is unvalidated.
+The cuda backend runs v2 for NCHW-contiguous inputs with k in {3, 5, 7, 9} and W <= 32
+(docs/cuda-depthwise.md) only where v2 is enabled: its source validated by the manifest
+(convmixer_kernels/backends/validation.py) or CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 keeps the
+first kernels. These tests (marked ``cuda``, skipped without a GPU) opt in with =1 and compare
+v2 with the reference backend at the issue's shapes and awkward ones: odd H and W (the scalar
+load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than a tile, an
+odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
+back to v1 and the default (v1 while unvalidated). A GPU run that passes all of them writes
+the manifest entry that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ from test_cuda_backend import check, close, cuda_args, needs_gpu, to_oracle
 pytestmark = [pytest.mark.cuda, needs_gpu]
 
 SWITCH = "CONVMIXER_KERNELS_CUDA_DW_V2"
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    """Every test runs v2 by the explicit opt-in unless it sets the switch itself."""
+    monkeypatch.setenv(SWITCH, "1")
 
 
 def kernel_forward(args):
@@ -54,8 +63,7 @@ SHAPES = [((2, 64, 32, 32), 9), ((4, 256, 16, 16), 5), ((2, 96, 32, 32), 7), ((2
 @pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape,k", SHAPES, ids=str)
-def test_v2_eval_matches_reference(shape, k, dtype, save_preact, activation, monkeypatch):
-    monkeypatch.delenv(SWITCH, raising=False)
+def test_v2_eval_matches_reference(shape, k, dtype, save_preact, activation):
     forward_both(cuda_args(shape, k, dtype, "nchw", False, save_preact, activation))
 
 
@@ -95,7 +103,7 @@ def test_v2_switch_and_agreement_with_v1(shape, k, dtype, monkeypatch):
     """CONVMIXER_KERNELS_CUDA_DW_V2=0 runs the first kernel; both agree within the tolerance
     (v2 applies BN as act * scale + shift, v1 as (act - mean) * invstd * w + b)."""
     args = cuda_args(shape, k, dtype, "nchw", False, True)
-    monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.setenv(SWITCH, "1")
     v2 = kernel_forward(args)
     monkeypatch.setenv(SWITCH, "0")
     v1 = kernel_forward(args)
@@ -272,3 +280,101 @@ def test_v2_backward_agrees_with_v1(dtype, training, monkeypatch):
     v1 = kernel_backward(bargs)
     for name, a, b in zip(GRAD_NAMES, v2, v1):
         close(name, a, b, dtype)
+
+
+# ---- train forward (batch statistics) -------------------------------------------------------
+
+TRAIN_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 40, 32, 32), 3), ((1, 7, 1, 1), 3),
+                ((3, 13, 33, 24), 9), ((2, 3, 9, 16), 5), ((1, 19, 15, 13), 3), ((5, 3, 40, 8), 7),
+                ((2, 11, 70, 32), 5), ((1, 9, 2, 3), 9), ((3, 5, 17, 31), 7)]
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", TRAIN_SHAPES, ids=str)
+def test_v2_train_matches_reference(shape, k, dtype, save_preact):
+    """out, the batch mean and biased variance, and the saved pre-activation (erf GELU)."""
+    forward_both(cuda_args(shape, k, dtype, "nchw", True, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((3, 13, 33, 24), 9),
+                                     ((1, 19, 15, 13), 3)], ids=str)
+def test_v2_train_activations(shape, k, dtype, activation):
+    """The other activations' epilogues (tanh GELU keeps a branch per element, ReLU selects)."""
+    forward_both(cuda_args(shape, k, dtype, "nchw", True, True, activation))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_v2_train_cifar_shape(dtype):
+    forward_both(cuda_args((128, 256, 16, 16), 5, dtype, "nchw", True, False))
+
+
+def test_v2_train_headline_shape():
+    forward_both(cuda_args((64, 1536, 32, 32), 9, torch.bfloat16, "nchw", True, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 24, 32, 32), 9), ((4, 32, 16, 16), 5), ((3, 6, 45, 20), 7)], ids=str)
+def test_v2_train_agrees_with_v1(shape, k, dtype, monkeypatch):
+    """The pre-activation is bitwise v1's (same tap order and rounding); statistics and out
+    agree within the tolerance (other tile partition of the partial sums; BN as one FFMA)."""
+    args = cuda_args(shape, k, dtype, "nchw", True, True)
+    v2 = kernel_forward(args)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args)
+    for name, a, b in zip(("out", "mean", "var", "preact"), v2, v1):
+        close(name, a, b, dtype)
+    assert torch.equal(v2[3], v1[3])
+
+
+def test_v2_train_deterministic():
+    """No atomics: two runs give the same bits."""
+    args = cuda_args((3, 40, 32, 32), 7, torch.bfloat16, "nchw", True, False)
+    a, b = kernel_forward(args), kernel_forward(args)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_v2_train_misaligned_pointer():
+    args = list(cuda_args((2, 6, 32, 32), 9, torch.float32, "nchw", True, True))
+    base = torch.empty(args[0].numel() + 1, device="cuda", dtype=torch.float32)
+    x = base[1:].view(args[0].shape)
+    x.copy_(args[0])
+    args[0] = x
+    forward_both(tuple(args))
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+def test_v2_train_then_backward(save_preact):
+    """The backward (v1) from a v2 train forward's statistics (and saved pre-activation)."""
+    args = cuda_args((2, 16, 32, 32), 9, torch.float32, "nchw", True, save_preact)
+    out, mean, var, preact = forward_both(args)
+    bargs = (torch.randn_like(out), *args[:4], mean, var, preact, True, 1e-5, "gelu", [True] * 5)
+    got = torch.ops.convmixer_kernels.dw_block_backward_kernel(*bargs)
+    want = reference.backward(DW_BLOCK, *bargs)
+    oracle = reference.backward(DW_BLOCK, *to_oracle(bargs))
+    for name, g, w, o in zip(("dx", "dweight", "dbias", "dbn_weight", "dbn_bias"), got, want, oracle):
+        check(name, g, w, torch.float32, o)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_default_is_v1_while_unvalidated(training, monkeypatch):
+    """Without the switch, an unvalidated build runs v1 (the same bits as =0), a validated
+    one v2 (the same bits as =1). Never skipped, so a rerun on a validated build records too."""
+    from convmixer_kernels.backends import validation
+    args = cuda_args((2, 24, 32, 32), 9, torch.bfloat16, "nchw", training, True)
+    monkeypatch.delenv(SWITCH, raising=False)
+    default = kernel_forward(args)
+    monkeypatch.setenv(SWITCH, "1" if validation.is_validated("dw_block_v2") else "0")
+    expected = kernel_forward(args)
+    for a, b in zip(default, expected):
+        assert torch.equal(a, b)
+    # the switch takes effect: v1 and v2 round the BN affine differently (float32 out)
+    args32 = cuda_args((2, 24, 32, 32), 9, torch.float32, "nchw", training, True)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args32)
+    monkeypatch.setenv(SWITCH, "1")
+    v2 = kernel_forward(args32)
+    assert not torch.equal(v1[0], v2[0]), "v1 and v2 gave the same bits: the switch has no effect"

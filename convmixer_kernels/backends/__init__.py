@@ -16,6 +16,13 @@ kind of device for the op, mode, dtype, layout and nearest shape) and otherwise 
 the first usable backend in priority order. A backend named explicitly that cannot run
 raises ``BackendUnavailable`` with the reason. ``explain(x, op)`` says what runs and why.
 
+GPU kernels that have not passed the GPU test grid on their current source stay off by
+default (``validation``: a committed manifest of source hashes): the cuda backend runs its
+register-blocked depthwise kernels (v2) only where the manifest validates them or where the
+user opts in with ``backend="cuda"`` and ``CONVMIXER_KERNELS_CUDA_DW_V2=1``; otherwise the
+first kernels (v1). ``auto`` never picks the cuda backend while that opt-in asks it to run
+unvalidated kernels. ``explain`` reports the state under ``'cuda_dw_v2'``.
+
 The registry is open: ``register(MyBackend())`` adds a backend (``base.Backend`` is
 the contract; ``docs/adding-a-backend.md`` has the steps).
 """
@@ -28,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import tuning, validation
 from .base import OPS, Backend, BackendUnavailable, BlockForward, BlockGrads
 from .compiled import CPU, CUDA
 from .native import NATIVE
@@ -120,10 +127,26 @@ def requested(backend: Optional[str]) -> str:
     return check_name("auto" if env is None else env, arg=f"environment variable {ENV_VAR}")
 
 
+def _auto_refusal(name: str, op: str) -> Optional[str]:
+    """Why ``auto`` must not pick backend ``name`` for ``op`` (None: it may): the cuda backend
+    while CONVMIXER_KERNELS_CUDA_DW_V2=1 would make it run unvalidated v2 kernels."""
+    if name != "cuda" or op not in ("dw_block", "layer_eval"):
+        return None
+    switch = validation.SWITCHES["dw_block_v2"]
+    if os.environ.get(switch) != "1" or validation.is_validated("dw_block_v2"):
+        return None
+    return (f"{switch}=1 opts into the unvalidated v2 depthwise kernels, which auto never runs "
+            "(ask for backend='cuda')")
+
+
+def _auto_unavailable(name: str, op: str, x: Tensor) -> Optional[str]:
+    return _REGISTRY[name].unavailable(op, x) or _auto_refusal(name, op)
+
+
 def _fallback(op: str, x: Tensor) -> tuple[str, str]:
     skipped = []
     for name in names():
-        reason = _REGISTRY[name].unavailable(op, x)
+        reason = _auto_unavailable(name, op, x)
         if reason is None:
             why = "first usable backend in priority order"
             return name, why + ("" if not skipped else " (skipped: " + "; ".join(skipped) + ")")
@@ -136,7 +159,7 @@ def first_kernel(op: str, x: Tensor) -> str:
     composite): for what the stock path cannot do (memory saving, torch.compile)."""
     for name in names():
         b = _REGISTRY[name]
-        if not getattr(b, "runs_composite", False) and b.unavailable(op, x) is None:
+        if not getattr(b, "runs_composite", False) and _auto_unavailable(name, op, x) is None:
             return name
     raise AssertionError("the reference backend is always available")
 
@@ -155,7 +178,7 @@ def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
     entry = tuning.lookup(op, x, mode, activation, k, cout or x.shape[1])
     if entry is not None:
         name, why = entry
-        if name in _REGISTRY and _REGISTRY[name].unavailable(op, x) is None:
+        if name in _REGISTRY and _auto_unavailable(name, op, x) is None:
             return name, why
     return _fallback(op, x)
 
@@ -163,7 +186,8 @@ def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
 
 def _key(backend, op, x, mode, activation, k, cout) -> tuple:
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return (backend, env_backend(), op, x.device.type, x.dtype, cl, tuple(x.shape),
+    return (backend, env_backend(), os.environ.get(validation.SWITCHES["dw_block_v2"]), op,
+            x.device.type, x.dtype, cl, tuple(x.shape),
             mode, activation, k, cout)
 
 
@@ -216,7 +240,9 @@ def available_backends(device: str | torch.device = "cpu", op: str = "dw_block",
 def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str = "gelu",
             k: int = 1, cout: int = 0, backend: Optional[str] = None) -> dict:
     """What runs ``op`` on the tensor ``x`` (an input, not a device or a backend name) and
-    why: ``{'chosen': name, 'why': sentence, 'backends': {name: 'available' or reason}}``.
+    why: ``{'chosen': name, 'why': sentence, 'backends': {name: 'available' or reason}}``,
+    and for the depthwise ops ``'cuda_dw_v2'``: whether the cuda backend's v2 kernels are
+    validated (``validated``, ``why``) and what the cuda backend runs (``runs``: v1 or v2).
     ``mode``: 'eval' or 'train'; ``k``: the conv's kernel or patch size (1 for pw_block);
     ``cout``: its output channels (0: x's)."""
     if not isinstance(x, Tensor):
@@ -227,10 +253,14 @@ def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str
     if mode not in ("eval", "train"):
         raise ValueError(f"mode: expected 'eval' or 'train', got {mode!r}")
     name, why = choose(backend, op, x, mode, activation, k, cout)
-    return {"chosen": name, "why": why,
-            "backends": {n: _REGISTRY[n].unavailable(op, x) or "available" for n in names()}}
+    out = {"chosen": name, "why": why,
+           "backends": {n: _REGISTRY[n].unavailable(op, x) or "available" for n in names()}}
+    if op in ("dw_block", "layer_eval"):
+        out["cuda_dw_v2"] = validation.describe("dw_block_v2")
+    return out
 
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "OPS", "Backend", "BackendUnavailable", "BlockForward",
            "BlockGrads", "register", "unregister", "names", "get", "check_name", "resolve",
-           "choose", "first_kernel", "available_backends", "explain", "tuning", "generation", "forget_choices"]
+           "choose", "first_kernel", "available_backends", "explain", "tuning", "validation", "generation",
+           "forget_choices"]

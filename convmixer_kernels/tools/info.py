@@ -39,6 +39,8 @@ def report(device: torch.device) -> str:
         f" | {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR, '')!r}",
         "compiled extension: " + ("loaded " + str(_cpp_lib.build_info_of()) if ext is None else ext),
     ]
+    v2 = backends.validation.describe("dw_block_v2")
+    lines.append(f"cuda depthwise v2 kernels: {v2['why']}; the cuda backend runs {v2['runs']}")
     table, where = tuning.load(tuning.family(device))
     if table is None:
         lines.append(f"tuning table: none used ({where}); auto runs the first usable backend in "

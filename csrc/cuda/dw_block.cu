@@ -39,11 +39,13 @@
 // checks from csrc/common/checks.h, the registration): one translation unit.
 //
 // v2 (issue 22; dw_block_v2.{h,cu,cuh}, docs/cuda-depthwise.md): the register-blocked eval
-// forward runs instead of conv_kernel for the calls it covers (eval, NCHW-contiguous,
-// k in {3, 5, 7, 9}, W <= 32) unless the environment sets CONVMIXER_KERNELS_CUDA_DW_V2=0
-// (read at each call). It is not yet validated on a GPU; the kernels here serve every other call.
-// The v2 backward (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD
-// conv and wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
+// and train forwards run instead of conv_kernel (+ finalize/norm) for the calls they cover
+// (NCHW-contiguous, k in {3, 5, 7, 9}, W <= 32) only where v2 is enabled
+// (dw_block_v2_enabled: its source hash is validated by a recorded GPU run, or the environment
+// opts in with CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 forces v1; read at each call). By default
+// (unvalidated) the kernels here serve every call. The v2 backward
+// (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD conv and
+// wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -89,11 +91,8 @@ void launch(void (*kernel)(const A), int64_t blocks, size_t smem, const A& args)
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The v2 switch: CONVMIXER_KERNELS_CUDA_DW_V2=0 keeps every call on the first kernels.
-bool v2_enabled() {
-  const char* v = std::getenv("CONVMIXER_KERNELS_CUDA_DW_V2");
-  return v == nullptr || std::string(v) != "0";
-}
+// The v2 gate (dw_block_v2.h): validated source hash or CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 forces v1.
+bool v2_enabled() { return dw_block_v2_enabled(); }
 
 size_t conv_smem(const Geometry& g) { return sizeof(float) * CT * (TH + g.k - 1) * (TW + g.k - 1); }
 
@@ -179,6 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
   if (!use_batch_stats && v2_enabled() && dw_block_v2_eval_covers(x, g.k)) {
     dw_block_v2_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
                              save_preact ? preact : at::Tensor());
+    return {out, mean, var, preact};
+  }
+  if (use_batch_stats && v2_enabled() && dw_block_v2_train_covers(x, g.k)) {
+    // z into preact (saved) or into out as scratch, as the v1 path below
+    dw_block_v2_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
   // Training stores z in preact, or in out as scratch until the statistics are known.

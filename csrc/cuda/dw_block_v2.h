@@ -8,6 +8,12 @@
 namespace convmixer_kernels {
 namespace cuda {
 
+// Whether v2 may run at all (read at each call): CONVMIXER_KERNELS_CUDA_DW_V2=0 -> no (v1
+// everywhere); =1 -> yes (explicit opt-in, validated or not); unset/other -> only when Python
+// found this build's source hash validated in the manifest (convmixer_kernels/validated/cuda.json)
+// and said so through _cuda_dw_v2_set_validated. Default: no (v1).
+bool dw_block_v2_enabled();
+
 // Whether the v2 eval forward covers this call: x NCHW-contiguous (its output is then NCHW,
 // checks.h output_format), nonempty, k in {3, 5, 7, 9}, W <= 32, H * W < 2^31.
 bool dw_block_v2_eval_covers(const at::Tensor& x, int64_t k);
@@ -20,6 +26,18 @@ void dw_block_v2_eval_forward(const at::Tensor& x, int64_t k, const at::Tensor& 
                               const at::Tensor& bnw, const at::Tensor& bnb, const at::Tensor& mean,
                               const at::Tensor& var, double eps, int act, const at::Tensor& out,
                               const at::Tensor& z);
+
+// Whether the v2 train forward covers this call (the same set as the eval forward).
+bool dw_block_v2_train_covers(const at::Tensor& x, int64_t k);
+
+// The train forward (batch statistics): z = round(conv(x) + b) into z (the saved pre-activation,
+// or out as scratch, as v1), the batch mean and biased variance of act(z) into mean and var
+// (float32 (C,)), then out = x + BN(act(z)) with them. Three kernels: train_kernel (conv +
+// per-tile partial statistics), finalize_kernel (fixed-order combination), norm_kernel.
+void dw_block_v2_train_forward(const at::Tensor& x, int64_t k, const at::Tensor& wt, const at::Tensor& b,
+                               const at::Tensor& bnw, const at::Tensor& bnb, double eps, int act,
+                               const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
+                               const at::Tensor& var);
 
 }  // namespace cuda
 }  // namespace convmixer_kernels
