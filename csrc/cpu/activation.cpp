@@ -54,16 +54,9 @@
 
 #include <c10/util/Exception.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 
 namespace convmixer_kernels {
 namespace cpu {
@@ -90,45 +83,45 @@ bool use_avx512() {
 }  // namespace cpu
 }  // namespace convmixer_kernels
 
-#include "activation_avx2.h"
-#include "activation_avx512.h"
 #include "activation_elem.h"
 
 namespace convmixer_kernels {
 namespace cpu {
 namespace {
 
-template <Act kAct>
-void run_forward(const float* z, float* a, int64_t n) {
-  if constexpr (kAct == Act::Gelu) {
-#ifdef CMK_HAVE_AVX512_PATH
-    if (use_avx512()) return avx512::run_gelu<false>(z, a, nullptr, n);
-#endif
-    return run_gelu<false>(z, a, nullptr, n);
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float ai, unused;
-    one<kAct, false>(z[i], ai, unused);
-    a[i] = ai;
-  }
-}
-
-template <Act kAct>
-void run_forward_deriv(const float* z, float* a, float* d, int64_t n) {
-  if constexpr (kAct == Act::Gelu) {
-#ifdef CMK_HAVE_AVX512_PATH
-    if (use_avx512()) return avx512::run_gelu<true>(z, a, d, n);
-#endif
-    return run_gelu<true>(z, a, d, n);
-  }
+// The loop over n elements: GCC vectorises it for the build's ISA (AVX2 + FMA with
+// -mavx2 -mfma: 8 lanes) and, in the region below, for AVX-512 (16 lanes); the scalar
+// remainder runs the same element code. The same IEEE operations in the same order in
+// every lane and code path, so the same bits.
+template <Act kAct, bool kDeriv>
+CMK_INLINE void run_loop(const float* z, float* a, float* d, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float ai, di;
-    one<kAct, true>(z[i], ai, di);
+    one<kAct, kDeriv>(z[i], ai, di);
     a[i] = ai;
-    d[i] = di;
+    if (kDeriv) d[i] = di;
   }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+// The same loop compiled for avx512f (in this region only), run where use_avx512() says so.
+#define CMK_HAVE_AVX512_PATH 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+template <Act kAct, bool kDeriv>
+void run_loop_avx512(const float* z, float* a, float* d, int64_t n) {
+  run_loop<kAct, kDeriv>(z, a, d, n);
+}
+#pragma GCC pop_options
+#endif
+
+template <Act kAct, bool kDeriv>
+void run(const float* z, float* a, float* d, int64_t n) {
+#ifdef CMK_HAVE_AVX512_PATH
+  if (use_avx512()) return run_loop_avx512<kAct, kDeriv>(z, a, d, n);
+#endif
+  run_loop<kAct, kDeriv>(z, a, d, n);
 }
 
 [[noreturn]] void bad_act(Act act) {
@@ -140,18 +133,18 @@ void run_forward_deriv(const float* z, float* a, float* d, int64_t n) {
 
 void act_forward(Act act, const float* z, float* a, int64_t n) {
   switch (act) {
-    case Act::Gelu: return run_forward<Act::Gelu>(z, a, n);
-    case Act::GeluTanh: return run_forward<Act::GeluTanh>(z, a, n);
-    case Act::Relu: return run_forward<Act::Relu>(z, a, n);
+    case Act::Gelu: return run<Act::Gelu, false>(z, a, nullptr, n);
+    case Act::GeluTanh: return run<Act::GeluTanh, false>(z, a, nullptr, n);
+    case Act::Relu: return run<Act::Relu, false>(z, a, nullptr, n);
   }
   bad_act(act);
 }
 
 void act_forward_deriv(Act act, const float* z, float* a, float* d, int64_t n) {
   switch (act) {
-    case Act::Gelu: return run_forward_deriv<Act::Gelu>(z, a, d, n);
-    case Act::GeluTanh: return run_forward_deriv<Act::GeluTanh>(z, a, d, n);
-    case Act::Relu: return run_forward_deriv<Act::Relu>(z, a, d, n);
+    case Act::Gelu: return run<Act::Gelu, true>(z, a, d, n);
+    case Act::GeluTanh: return run<Act::GeluTanh, true>(z, a, d, n);
+    case Act::Relu: return run<Act::Relu, true>(z, a, d, n);
   }
   bad_act(act);
 }
