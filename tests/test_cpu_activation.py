@@ -375,3 +375,23 @@ def test_vector_paths_agree_bit_for_bit(z_sweep, monkeypatch, activation):
         assert torch.equal(a1, a2) and torch.equal(d1, d2), n
     if not _has_avx512():
         pytest.skip("no AVX-512 on this CPU: both runs took the AVX2 path")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_into_and_cost_tool(activation):
+    """_cpu_activation_into (chunks over at::parallel_for, for timing) writes what
+    _cpu_activation returns; the cost tool (convmixer_kernels.tools.gelu_cost) runs."""
+    z = torch.randn(70_001) * 4
+    a0, d0 = run(z, activation)
+    a, d = torch.empty_like(z), torch.empty_like(z)
+    torch.ops.convmixer_kernels._cpu_activation_into(z, a, d, activation)
+    assert torch.equal(a, a0) and torch.equal(d, d0)
+    a.zero_()
+    torch.ops.convmixer_kernels._cpu_activation_into(z, a, None, activation)
+    assert torch.equal(a, a0)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.convmixer_kernels._cpu_activation_into(z, a[:10], None, activation)
+    if activation == "gelu":
+        from convmixer_kernels.tools import gelu_cost
+        rows = gelu_cost.measure(n=4096, rounds=1, calls=1, threads=(1,))
+        assert len(rows) == 4 and all(r[3] > 0 for r in rows)
