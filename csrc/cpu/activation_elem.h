@@ -154,10 +154,11 @@ CMK_INLINE ExpParts exp_parts(float xh, float xl) {
 // ep a degree-6 polynomial in r (relative error 3.2e-9); 2^k is applied as 2^(k+64) then
 // 2^-64 so that results in the subnormals are rounded once. The argument is s^2 rounded to
 // float and ln 2 is not carried beyond float: the relative error of exp(-s^2/2) grows as
-// about s^2/2 half-ulps (that of Phi(-s), so a and d for z << 0: about 80 ulps near the
-// underflow at z = -13, absolute error below 1e-36 there). Carrying both (three more
-// operations) would keep it at a few ulps; it is not done because torch's float32 GELU is
-// far less accurate there (it cancels to 0 below z ~ -5.5), and the bar is torch's.
+// about s^2/2 half-ulps (that of Phi(-s), so of a and d for z << 0: up to 70 ulps near
+// z = -13, where they are about 1e-37; absolute error below 5e-9 for every z <= -3).
+// Carrying both (three more operations) would keep it at a few ulps; it is not done because
+// torch's float32 GELU is far less accurate there (it cancels to 0 below z ~ -5.5), and the
+// bar is torch's.
 // Beyond |z| = 16, exp(-z^2/2) is 0 in float32: s is clamped there (keeps NaN).
 
 constexpr float kCHi = 0x1.988454p-2f;  // c = 1/sqrt(2 pi), rounded to float
