@@ -114,8 +114,8 @@ def load() -> ModuleType:
 
 
 def load_testing() -> ModuleType:
-    """Load ``convmixer_kernels._C_testing``: the ops ``_axpb``, ``_cpu_activation`` and
-    ``_cpu_fma_chains`` (tests and the benchmark's roofline only; built beside ``_C``)."""
+    """Load ``convmixer_kernels._C_testing``: the ops ``_axpb``, ``_cpu_activation``,
+    ``_cpu_activation_into`` and ``_cpu_fma_chains`` (tests and the benchmark's roofline only; built beside ``_C``)."""
     module, reason = _try_load_testing()
     if module is None:
         raise ExtensionUnavailable(reason)

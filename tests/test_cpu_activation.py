@@ -15,7 +15,12 @@ Errors are in float32 ulps:
     the two terms (Phi and z phi for gelu). The derivatives have a zero near z = -0.75; no
     float32 evaluation of a sum is relatively accurate there, so the error is measured
     against the size of the terms (the pure relative error is printed too).
-torch's own float32 CPU results are measured the same way and printed for comparison.
+torch's own float32 CPU results are measured the same way. The bar for ``gelu`` is torch's
+own float32 GELU on this machine (docs/design.md, "CPU GELU"): over a sample of the whole
+float32 range, ours must have max ulp and max absolute errors (a and d) no larger than
+torch's, overall and in each region (the negative tail z <= -3, where torch's
+1 + erf(z / sqrt 2) cancels; -3 < z < 0; z >= 0). The bounds are torch's errors measured
+at run time, not fixed numbers. ``gelu_tanh`` keeps fixed bounds (A_BOUND_ULP, D_BOUND_ULP).
 """
 from __future__ import annotations
 
@@ -33,11 +38,15 @@ if _REASON is not None:
 _cpp_lib.load_testing()
 
 ACTS = ("gelu", "gelu_tanh", "relu")
-# Bounds asserted below (the exhaustive check over every float32 with |z| <= 16, done when
-# the kernels were written, measured at most 0.97 / 0.77 ulp for a and 1.57 / 1.81 ulp for d,
-# gelu / gelu_tanh).
+# gelu_tanh's bounds (the exhaustive check over every float32 with |z| <= 16, done when the
+# kernel was written, measured at most 0.77 ulp for a and 1.81 ulp for d).
 A_BOUND_ULP = 1.5
 D_BOUND_ULP = 2.5
+# gelu: the negative tail, where torch's float32 GELU cancels; above 2^127 torch's float32
+# GELU overflows (its z (1 + erf) product gives inf), so the comparison stops there (ours
+# is checked there on its own: a = z, d = 1 exactly).
+TAIL = -3.0
+TORCH_OVERFLOW = 2.0**127
 
 FMAX = torch.finfo(torch.float32).max
 FTINY = torch.finfo(torch.float32).tiny  # smallest normal
@@ -62,15 +71,20 @@ def f32_window(center: float, count: int) -> torch.Tensor:
 
 
 def sweep() -> torch.Tensor:
-    """About 2.6 million float32 inputs: a dense grid over [-16, 16] (every result that is
-    not 0 or z itself lies in there), log-spaced magnitudes down to the subnormals, every
-    float around the branch points of the implementation and the underflow edges."""
+    """About 3.7 million float32 inputs: every 4099th float32 bit pattern (the whole range,
+    every binade of both signs, about 4,000 per binade), a dense grid over [-16, 16] (every
+    result that is not 0 or z itself lies in there), log-spaced magnitudes down to the
+    subnormals, every float around the branch points of the implementations, the zero of
+    the derivative near -0.75, the start of the tail and the underflow edges."""
+    bits = torch.arange(0, 2**32, 4099, dtype=torch.int64)
     parts = [
+        torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32),
         torch.linspace(-16.0, 16.0, 2_000_001, dtype=torch.float64).float(),
         torch.logspace(-45.0, math.log10(16.0), 100_000, dtype=torch.float64).float(),
         -torch.logspace(-45.0, math.log10(16.0), 100_000, dtype=torch.float64).float(),
     ]
-    for c in (1.25, -1.25, 0.75, -0.75, 12.0, -12.0, 16.0, -16.0, -10.5, -14.3, 1e-3, -1e-3):
+    for c in (1.0, -1.0, 1.25, -1.25, 0.75, -0.75, 0.7518, -0.7518, 3.0, -3.0, 4.0, -4.0,
+              12.0, -12.0, 13.0, -13.0, 16.0, -16.0, -10.5, -14.3, 1e-3, -1e-3):
         parts.append(f32_window(c, 20_000))
     z = torch.cat(parts + [torch.tensor(SPECIAL, dtype=torch.float32)])
     return z
@@ -138,9 +152,58 @@ def test_oracle_is_torch_float64(z_sweep, activation):
     assert ra <= 1e-10 and rd <= 1e-10
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_accuracy_dense_sweep(z_sweep, activation):
-    """Max errors over the sweep (printed, ours and torch float32) within the bounds."""
+def gelu_regions(z: torch.Tensor) -> dict:
+    below = z < TORCH_OVERFLOW
+    return {"overall": below, f"tail z<={TAIL:g}": z <= TAIL,
+            f"{TAIL:g}<z<0": (z > TAIL) & (z < 0), "z>=0": (z >= 0) & below}
+
+
+def gelu_error_maxima(z, a, d, ref) -> dict:
+    """{(region, measure): max} with measures a_ulp, a_abs, d_ulp (ulps of the larger term),
+    d_abs (absolute errors: |a - a_ref|, |d - d_ref|)."""
+    ea, ed, _ = errors(a, d, ref)
+    abs_a = torch.nan_to_num((a.double() - ref[0]).abs(), nan=math.inf)
+    abs_d = torch.nan_to_num((d.double() - ref[1]).abs(), nan=math.inf)
+    out = {}
+    for region, m in gelu_regions(z).items():
+        for name, e in (("a_ulp", ea), ("a_abs", abs_a), ("d_ulp", ed), ("d_abs", abs_d)):
+            out[(region, name)] = e[m].max().item()
+    return out
+
+
+def gelu_shortfalls(ours: dict, bars: dict) -> list[str]:
+    """Where ours is less accurate than the bar (torch's float32 GELU)."""
+    return [f"{r} {m}: ours {v:.4g} > torch {bars[(r, m)]:.4g}" for (r, m), v in ours.items()
+            if not v <= bars[(r, m)]]
+
+
+@pytest.fixture(scope="module")
+def gelu_sweep(z_sweep):
+    """(z, oracle, torch's error maxima: the bar) over the finite sweep."""
+    z = z_sweep[torch.isfinite(z_sweep)]
+    ref = oracle(z, "gelu")
+    return z, ref, gelu_error_maxima(z, *torch_f32(z, "gelu"), ref)
+
+
+def test_gelu_at_least_as_accurate_as_torch(gelu_sweep):
+    """Max ulp and absolute errors of a and d, overall and per region, against float64: ours
+    no larger than torch's float32 GELU / gelu_backward on the same inputs (printed)."""
+    z, ref, bars = gelu_sweep
+    a, d = run(z, "gelu")
+    ours = gelu_error_maxima(z, a, d, ref)
+    print(f"\ngelu ({z.numel()} inputs): ours | torch float32")
+    for (r, m), v in ours.items():
+        print(f"  {r:<12} {m:<6} {v:10.4g} | {bars[(r, m)]:10.4g}")
+    assert not gelu_shortfalls(ours, bars), gelu_shortfalls(ours, bars)
+    # above torch's overflow, and wherever exp(-z^2/2) is 0: the correctly rounded a = z, d = 1
+    big = z >= 16
+    assert big.sum() > 1000
+    assert torch.equal(a[big], z[big]) and torch.equal(d[big], torch.ones_like(d[big]))
+
+
+def test_gelu_tanh_accuracy_dense_sweep(z_sweep):
+    """gelu_tanh: max errors over the sweep (printed, ours and torch float32) within the bounds."""
+    activation = "gelu_tanh"
     z = z_sweep[torch.isfinite(z_sweep)]
     ref = oracle(z, activation)
     a, d = run(z, activation)
@@ -181,16 +244,16 @@ def test_relu_is_torch_bit_for_bit(z_sweep):
     assert torch.equal(d, torch.ops.aten.threshold_backward(torch.ones_like(z_sweep), z_sweep, 0.0))
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_checker_catches_bad_results(z_sweep, activation):
-    """The accuracy check bites: the textbook float32 formula (torch's float32 kernels,
-    0.5 z (1 + erf(z / sqrt 2)), which cancels for z < 0) fails it by far, and so does a
-    single result moved by 3 ulps (a) or 5 ulps (d)."""
+def test_checker_catches_bad_results(z_sweep, gelu_sweep):
+    """The accuracy checks bite. gelu_tanh: torch's float32 GELU (which cancels for z < 0)
+    fails its fixed bounds by far, and so does a single result moved by 3 ulps (a) or 5 ulps
+    (d). gelu: a single result moved past torch's error (by 6 ulps where torch's worst is
+    about 5) fails the comparison with torch, for a and for d."""
     z = z_sweep[torch.isfinite(z_sweep)]
-    ref = oracle(z, activation)
-    ta, td = torch_f32(z, activation)
+    ref = oracle(z, "gelu_tanh")
+    ta, td = torch_f32(z, "gelu_tanh")
     assert errors(ta, td, ref)[0].max().item() > 1000 * A_BOUND_ULP
-    a, d = run(z, activation)
+    a, d = run(z, "gelu_tanh")
     i = int(torch.nonzero((z > 0.3) & (z < 0.4))[0])  # there a and d are the largest terms
     bad_a, bad_d = a.clone(), d.clone()
     bad_a[i] += 3 * ulp32(ref[0][i : i + 1]).float()[0]
@@ -199,13 +262,25 @@ def test_checker_catches_bad_results(z_sweep, activation):
     assert errors(a, bad_d, ref)[1].max().item() > D_BOUND_ULP
     assert errors(a, d, ref)[0].max().item() <= A_BOUND_ULP
 
+    z, ref, bars = gelu_sweep
+    a, d = run(z, "gelu")
+    assert not gelu_shortfalls(gelu_error_maxima(z, a, d, ref), bars)
+    i = int(torch.nonzero((z > 0.3) & (z < 0.4))[0])
+    steps = [k * max(bars[("z>=0", m)], 1.0) for k, m in ((1.2, "a_ulp"), (1.2, "d_ulp"))]
+    bad_a, bad_d = a.clone(), d.clone()
+    bad_a[i] += steps[0] * ulp32(ref[0][i : i + 1]).float()[0]
+    bad_d[i] += steps[1] * ulp32(ref[1][i : i + 1]).float()[0]
+    assert any("z>=0 a_ulp" in f for f in gelu_shortfalls(gelu_error_maxima(z, bad_a, d, ref), bars))
+    assert any("z>=0 d_ulp" in f for f in gelu_shortfalls(gelu_error_maxima(z, a, bad_d, ref), bars))
+
 
 @pytest.mark.parametrize("activation", ACTS)
-def test_special_values_match_torch(activation):
+def test_special_values_match_torch(activation, gelu_sweep):
     """NaN -> NaN, +-inf -> what torch's float64 GELU gives (gelu(+inf) = +inf,
     gelu(-inf) = NaN, gelu'(+-inf) = NaN; torch's float32 GELU agrees, except that its
     vectorised erf GELU returns NaN for +inf where its scalar path returns +inf); finite
-    specials (signed zeros, subnormals, huge values) within the bounds of the oracle."""
+    specials (signed zeros, subnormals, huge values) within the bounds of the oracle
+    (gelu: within torch's float32 errors over the sweep, region by region)."""
     z = torch.tensor(SPECIAL, dtype=torch.float32)
     a, d = run(z, activation)
     if activation == "relu":
@@ -225,8 +300,13 @@ def test_special_values_match_torch(activation):
     assert torch.equal(torch.isnan(a), torch.isnan(z) | (z == -math.inf))
     assert torch.equal(torch.isnan(d), ~torch.isfinite(z))
     fin = torch.isfinite(z)
-    ea, ed, _ = errors(a[fin], d[fin], oracle(z[fin], activation))
-    assert ea.max().item() <= A_BOUND_ULP and ed.max().item() <= D_BOUND_ULP
+    if activation == "gelu":
+        zf = z[fin]
+        ours = gelu_error_maxima(zf, a[fin], d[fin], oracle(zf, activation))
+        assert not gelu_shortfalls(ours, gelu_sweep[2]), gelu_shortfalls(ours, gelu_sweep[2])
+    else:
+        ea, ed, _ = errors(a[fin], d[fin], oracle(z[fin], activation))
+        assert ea.max().item() <= A_BOUND_ULP and ed.max().item() <= D_BOUND_ULP
     # signed zeros as torch: gelu(-0) = -0, gelu(-tiny) = -0, gelu(z << 0) = -0
     for i in (1, 3, SPECIAL.index(-20.0), SPECIAL.index(-1e30), SPECIAL.index(-FMAX)):
         r = a[i].item()
@@ -287,7 +367,7 @@ def test_vector_paths_agree_bit_for_bit(z_sweep, monkeypatch, activation):
     assert torch.equal(d.view(torch.int32), d2.view(torch.int32))
     for n in list(range(1, 40)) + [255, 256, 257]:
         zn = torch.randn(n) * 2.5
-        zn[n // 2] = 5.0  # one lane out of the fast range in some vector
+        zn[n // 2] = 5.0  # a large value among small ones
         monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", "avx2")
         a2, d2 = run(zn, activation)
         monkeypatch.delenv("CONVMIXER_KERNELS_CPU_ISA")
@@ -295,3 +375,23 @@ def test_vector_paths_agree_bit_for_bit(z_sweep, monkeypatch, activation):
         assert torch.equal(a1, a2) and torch.equal(d1, d2), n
     if not _has_avx512():
         pytest.skip("no AVX-512 on this CPU: both runs took the AVX2 path")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_into_and_cost_tool(activation):
+    """_cpu_activation_into (chunks over at::parallel_for, for timing) writes what
+    _cpu_activation returns; the cost tool (convmixer_kernels.tools.gelu_cost) runs."""
+    z = torch.randn(70_001) * 4
+    a0, d0 = run(z, activation)
+    a, d = torch.empty_like(z), torch.empty_like(z)
+    torch.ops.convmixer_kernels._cpu_activation_into(z, a, d, activation)
+    assert torch.equal(a, a0) and torch.equal(d, d0)
+    a.zero_()
+    torch.ops.convmixer_kernels._cpu_activation_into(z, a, None, activation)
+    assert torch.equal(a, a0)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.convmixer_kernels._cpu_activation_into(z, a[:10], None, activation)
+    if activation == "gelu":
+        from convmixer_kernels.tools import gelu_cost
+        rows = gelu_cost.measure(n=4096, rounds=1, calls=1, threads=(1,))
+        assert len(rows) == 4 and all(r[3] > 0 for r in rows)

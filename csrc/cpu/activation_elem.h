@@ -1,7 +1,7 @@
 // The element code of the CPU activations (activation.cpp; accuracy and method there): one
 // float32 element at a time, branch-free and force-inlined so that GCC vectorises the
 // loops over it. Building blocks (FMA, bit-level select, double-float sums, exp of a
-// double-float argument), GELU (general and |z| <= 4 fast path), tanh-GELU, ReLU.
+// double-float argument), GELU, tanh-GELU, ReLU.
 #pragma once
 
 #include <cmath>
@@ -94,14 +94,10 @@ struct ExpParts {
   float ph, pl, s1, s2;
   // exp(..) rounded to float
   CMK_INLINE float value() const { return (ph * s1) * s2; }
-  // x * exp(..) with a single rounding (for |x| not far from 1, so that x * p stays normal)
-  CMK_INLINE float times(float x) const { return (fmadd(x, ph, x * pl) * s1) * s2; }
-  // (xh + xl) * exp(..), the same way
-  CMK_INLINE float times(DF x) const { return (fmadd(x.hi, ph, fmadd(x.hi, pl, x.lo * ph)) * s1) * s2; }
 };
 
 constexpr float kLog2e = 0x1.715476p+0f;
-constexpr float kLn2Hi = 0x1.62e43p-1f;    // float(ln 2): 20 significant bits
+constexpr float kLn2Hi = 0x1.62e43p-1f;    // float(ln 2): 21 significant bits
 constexpr float kLn2Lo = -0x1.05c61p-29f;  // float(ln 2 - kLn2Hi)
 constexpr float kRoundMagic = 0x1.8p23f;   // x + kRoundMagic - kRoundMagic = rint(x), |x| < 2^22
 
@@ -144,189 +140,101 @@ CMK_INLINE ExpParts exp_parts(float xh, float xl) {
 }
 
 // ---------------------------------------------------------------------------------------
-// GELU (exact, erf): a = z Phi(z), d = Phi(z) + z phi(z), phi(z) = c exp(-z^2/2).
+// GELU (exact, erf): a = z Phi(z), d = Phi(z) + z phi(z), phi(z) = c exp(-z^2/2). One float32
+// evaluation, two branch-free regions (both computed, one selected per element), at
+// least as accurate as PyTorch's own float32 GELU everywhere (activation.cpp):
 //
-// s = |z| <= 1.25: Phi(z) = 1/2 + z P(z^2), P(u) = c + u Q(u), everything after Q in
-//   double-float, so that the cancellation in 1/2 + z P for z < 0 costs nothing.
-// s > 1.25: M(s) = s Phi(-s) exp(s^2/2) (smooth, -> c as s -> inf) is a polynomial in
-//   t = 1 / (1 + s/2); t's rounding error t_l and the last three Horner steps are carried
-//   in double-float. Then a = -M exp(-s^2/2) for z < 0 and z - M exp(-s^2/2) for z > 0,
-//   d = -D or 1 + D with D = exp(-s^2/2) (c s - M/s).
-// exp(-s^2/2) gets s^2 exactly (hi + lo), so the tails keep full relative accuracy.
+// s = |z| <= 1: Phi(z) = 1/2 + z P(z^2) and d = 1/2 + z D(z^2), P and D degree-5
+//   polynomials (minimax, relative error 2.8e-8: c's rounding to float32); a = z Phi(z).
+// s > 1: Phi(-s) = R(t) exp(-s^2/2) with R(s) = Phi(-s) exp(s^2/2) (smooth, R(1) = 0.29,
+//   ~ c / s for large s) a degree-8 polynomial in t = 1 / (1 + s/4) (relative error
+//   1.6e-8 on s in [1, 16]); a = -s Phi(-s) (z < 0), z - s Phi(-s) (z > 0),
+//   d = X (z < 0), 1 - X (z > 0) with X = (R - c s) exp(-s^2/2).
+// exp(-s^2/2) = ep 2^k: k = rint(-s^2 / (2 ln 2)), r = -s^2/2 - k float(ln 2) (one exact FMA),
+// ep a degree-6 polynomial in r (relative error 3.2e-9); 2^k is applied as 2^(k+64) then
+// 2^-64 so that results in the subnormals are rounded once. The argument is s^2 rounded to
+// float and ln 2 is not carried beyond float: the relative error of exp(-s^2/2) grows as
+// about s^2/2 half-ulps (that of Phi(-s), so of a and d for z << 0: up to 70 ulps near
+// z = -13, where they are about 1e-37; absolute error below 5e-9 for every z <= -3).
+// Carrying both (three more operations) would keep it at a few ulps; it is not done because
+// torch's float32 GELU is far less accurate there (it cancels to 0 below z ~ -5.5), and the
+// bar is torch's.
+// Beyond |z| = 16, exp(-z^2/2) is 0 in float32: s is clamped there (keeps NaN).
 
-constexpr float kCHi = 0x1.988454p-2f, kCLo = -0x1.857936p-27f;  // c = 1/sqrt(2 pi) = hi + lo
-
-// Q(u) = (P(u) - c) / u, P(u) = erf(s/sqrt2) / (2 s), u = s^2 in [0, 1.5625]; minimax for
-// the relative error of z Phi(z) (z < 0), 4.5e-10.
-constexpr float kQ0 = -0x1.105834p-4f, kQ1 = 0x1.46cf5p-7f, kQ2 = -0x1.3727f4p-10f,
-                kQ3 = 0x1.e1c7f4p-14f, kQ4 = -0x1.2ced9cp-17f, kQ5 = 0x1.eb6278p-22f;
-
-// M(s) = sum_k kM_k t^k, t = 1 / (1 + s/2), s in [1.25, 16]: relative error 1.3e-9.
-constexpr float kM0 = 0x1.98844cp-2f, kM1 = 0x1.226122p-17f, kM2 = -0x1.998a34p-4f,
-                kM3 = -0x1.90bb5cp-3f, kM4 = -0x1.09dbc8p-2f, kM5 = 0x1.cbecaap-4f,
-                kM6 = -0x1.62be62p-1f, kM7 = 0x1.4879dep+1f, kM8 = -0x1.baac3cp+1f,
-                kM9 = 0x1.16dac4p+1f, kM10 = -0x1.1a1312p-1f;
-
-constexpr float kGeluSplit = 1.25f;
-
-// c_k + (t + t_l) (x.hi + x.lo) in double-float
-CMK_INLINE DF horner_df_step(DF x, float t, float t_l, float c_k) {
-  const float ph = t * x.hi;
-  const float pl = fmadd(t, x.hi, -ph) + fmadd(t, x.lo, t_l * x.hi);
-  const DF h = two_sum(c_k, ph);
-  return {h.hi, h.lo + pl};
-}
+constexpr float kCHi = 0x1.988454p-2f;  // c = 1/sqrt(2 pi), rounded to float
+constexpr float kGeluSplit = 1.f;
+// exp(r) = 1 + r + r^2 (kGeluE2 + ...), |r| <= ln2 / 2
+constexpr float kGeluE2 = 0x1.fffffcp-2f, kGeluE3 = 0x1.555492p-3f, kGeluE4 = 0x1.5558bep-5f,
+                kGeluE5 = 0x1.1239e8p-7f, kGeluE6 = 0x1.6a3feap-10f;
+// P(u) = erf(s / sqrt 2) / (2 s), D(u) = P(u) + c exp(-u/2), u = s^2 in [0, 1]
+constexpr float kGeluP0 = 0x1.988454p-2f, kGeluP1 = -0x1.10587p-4f, kGeluP2 = 0x1.46d908p-7f,
+                kGeluP3 = -0x1.37bfd2p-10f, kGeluP4 = 0x1.e8123ap-14f, kGeluP5 = -0x1.23c0f6p-17f;
+constexpr float kGeluD0 = 0x1.988454p-1f, kGeluD1 = -0x1.105846p-2f, kGeluD2 = 0x1.ea372ep-5f,
+                kGeluD3 = -0x1.36fe04p-7f, kGeluD4 = 0x1.291204p-10f, kGeluD5 = -0x1.7c3606p-14f;
+// R = sum kGeluR_k t^k, t = 1 / (1 + s/4), s in [1, 16]
+constexpr float kGeluR0 = 0x1.c78f9p-19f, kGeluR1 = 0x1.98400ap-4f, kGeluR2 = 0x1.9a7c5ap-4f,
+                kGeluR3 = 0x1.78d124p-4f, kGeluR4 = 0x1.4b9018p-4f, kGeluR5 = 0x1.4472bep-4f,
+                kGeluR6 = -0x1.0f0e98p-7f, kGeluR7 = 0x1.9cab4cp-4f, kGeluR8 = -0x1.6cf51cp-5f;
 
 template <bool kDeriv>
 CMK_INLINE void gelu_one(float z, float& a, float& d) {
-  // Beyond |z| = 16, exp(-z^2/2) is 0 in float32: clamp (keeps NaN).
   const float s = min_keep_nan(std::fabs(z), 16.f);
   const bool neg = z < 0.f;
   const bool is_inf = std::fabs(z) == kInf;
   const bool is_nan = z != z;
+  const bool small = s <= kGeluSplit;  // false for NaN
   const float ss = s * s;
-  const float ssl = fmadd(s, s, -ss);  // s^2 = ss + ssl exactly
-  const ExpParts E = exp_parts(-0.5f * ss, -0.5f * ssl);
-  const float Ev = E.value();
 
-  // --- s <= 1.25
-  float q = kQ5;
-  q = fmadd(q, ss, kQ4);
-  q = fmadd(q, ss, kQ3);
-  q = fmadd(q, ss, kQ2);
-  q = fmadd(q, ss, kQ1);
-  q = fmadd(q, ss, kQ0);
-  const float uq = ss * q;
-  const float uq_l = fmadd(ss, q, -uq) + ssl * q;
-  const DF P0 = fast_two_sum(kCHi, uq);  // |u Q| < c
-  const DF P = {P0.hi, P0.lo + (uq_l + kCLo)};
-  const float zp = z * P.hi;
-  const float zp_l = fmadd(z, P.hi, -zp) + z * P.lo;
-  const DF Phi0 = fast_two_sum(0.5f, zp);  // |z P| < 1/2
-  const DF Phi = {Phi0.hi, Phi0.lo + zp_l};
-  const float a_small = fmadd(z, Phi.hi, z * Phi.lo);
+  // --- s <= 1
+  float P = kGeluP5;
+  P = fmadd(P, ss, kGeluP4);
+  P = fmadd(P, ss, kGeluP3);
+  P = fmadd(P, ss, kGeluP2);
+  P = fmadd(P, ss, kGeluP1);
+  P = fmadd(P, ss, kGeluP0);
+  const float a_small = z * fmadd(z, P, 0.5f);  // z's sign, -0 included
 
-  // --- s > 1.25
-  const float hs = 0.5f * s;
-  const DF uu = two_sum(1.f, hs);  // 1 + s/2 = uu.hi + uu.lo
-  const float t = 1.f / uu.hi;
-  const float t_l = t * fmadd(-t, uu.lo, fmadd(-t, uu.hi, 1.f));  // 1 / (1 + s/2) = t + t_l
-  float m = kM10;
-  m = fmadd(m, t, kM9);
-  m = fmadd(m, t, kM8);
-  m = fmadd(m, t, kM7);
-  m = fmadd(m, t, kM6);
-  m = fmadd(m, t, kM5);
-  m = fmadd(m, t, kM4);
-  m = fmadd(m, t, kM3);
-  DF M = {m, 0.f};
-  M = horner_df_step(M, t, t_l, kM2);
-  M = horner_df_step(M, t, t_l, kM1);
-  M = horner_df_step(M, t, t_l, kM0);
-  const float a_neg = -E.times(M);
-  const float a_pos = z - M.hi * Ev;
-
-  const bool small = s <= kGeluSplit;
-  // NaN in: the canonical NaN out (not whichever NaN operand the arithmetic propagated, so
-  // the result is the same bits in every code path). gelu(-inf) = -inf * 0: NaN, as torch.
-  // The sign of a is z's (gelu(-0) = -0, underflow to -0 for z < 0, as torch).
-  const float a_val = with_sign_of(select(small, a_small, select(neg, a_neg, a_pos)), z);
-  a = select(is_nan | (neg & is_inf), kNaN, a_val);
-  if (kDeriv) {
-    // s <= 1.25: d = Phi + z c exp(-z^2/2)
-    const float zc = z * kCHi;
-    const float zc_l = fmadd(z, kCHi, -zc) + z * kCLo;
-    const float El = (E.pl * E.s1) * E.s2;
-    const float d_small = fmadd(zc, Ev, Phi.hi + (Phi.lo + fmadd(zc_l, Ev, zc * El)));
-    // s > 1.25: D = exp(-s^2/2) (c s - R), R = M / s = Phi(-s) exp(s^2/2)
-    const float R = (M.hi + M.lo) / s;
-    const float X = fmadd(kCHi, s, fmadd(kCLo, s, -R));
-    const float D = E.times(X);
-    const float d_large = select(neg, -D, 1.f + D);
-    d = select(is_nan | is_inf, kNaN, select(small, d_small, d_large));  // torch: gelu'(+-inf) = NaN
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// GELU fast path, |z| <= 4 (the bulk of the inputs). With R(s) = Phi(-s) exp(s^2/2)
-// (smooth, R(0) = 1/2, R(4) ~ 0.096) and s = |z|:
-//   Phi(-s) = R(s) exp(-s^2/2),  a = -s Phi(-s) (z < 0),  z - s Phi(-s) (z >= 0),
-//   X = R(s) - c s,  d = X exp(-s^2/2) (z < 0),  1 - X exp(-s^2/2) (z >= 0).
-// exp(-s^2/2) = (1 + E1) 2^k comes from the float32 exp steps above (Cody-Waite with s^2's
-// rounding error ssl and ln 2's low part in rl; E1 = rh + tail, rh exact, |tail| < 0.07);
-// R (a degree-14 polynomial in v = (s - 2)/2, relative error 3.2e-9) and the products are
-// evaluated in double and rounded to float once at the end, so that no cancellation (the
-// z < 0 tail, d's zero near z = -0.75) costs accuracy and no double-float steps are needed.
-// In double the terms cost two vector halves per float vector, which is still far cheaper
-// than evaluating both regions of the general code below for every element.
-
-constexpr float kGeluFastMax = 4.f;
-constexpr double kC = 0.3989422804014327;  // 1 / sqrt(2 pi)
-// R(s) = sum kR_k v^k, v = s/2 - 1, s in [0, 4]: minimax for the relative error (Lawson).
-constexpr double kR0 = 0.16810200143554543, kR1 = -0.12547656359874934, kR2 = 0.08525087184346987,
-                 kR3 = -0.05363391871415074, kR4 = 0.03161691458051141, kR5 = -0.01761740801571849,
-                 kR6 = 0.009334153228233036, kR7 = -0.00471450059548452, kR8 = 0.002302396236085617,
-                 kR9 = -0.0011193784400849334, kR10 = 0.0004945702039430495,
-                 kR11 = -0.00016364655342711619, kR12 = 7.926670564726417e-05,
-                 kR13 = -6.926247716935312e-05, kR14 = 2.514576640482636e-05;
-
-CMK_INLINE double fmadd(double a, double b, double c) {
-#if defined(__FMA__)
-  return __builtin_fma(a, b, c);
-#else
-  return a * b + c;  // used only where the terms' rounding errors are far below float32's
-#endif
-}
-
-// z finite with |z| <= kGeluFastMax (the caller checks; other z give garbage, no trap).
-template <bool kDeriv>
-CMK_INLINE void gelu_fast_one(float z, float& a, float& d) {
-  const float s = std::fabs(z);
-  const bool neg = z < 0.f;
-  const float ss = s * s;
-  const float ssl = fmadd(s, s, -ss);  // s^2 = ss + ssl exactly
-  const float xh = -0.5f * ss;         // exp argument -s^2/2 = xh - ssl/2, xh in [-8, 0]
+  // --- s > 1: exp(xh) = ep 2^k with xh = -ss/2 (s^2 rounded: see above)
+  const float xh = -0.5f * ss;
   const float kmag = fmadd(xh, kLog2e, kRoundMagic);
-  const float kf = kmag - kRoundMagic;
-  const int32_t k = static_cast<int32_t>(bits_of(kmag) - bits_of(kRoundMagic));  // in [-12, 0]
-  const float rh = fmadd(-kf, kLn2Hi, xh);                 // exact (as in exp_parts)
-  const float rl = fmadd(-kf, kLn2Lo, -0.5f * ssl);        // |rl| < 2^-21
-  float q = kExpQ5;
-  q = fmadd(q, rh, kExpQ4);
-  q = fmadd(q, rh, kExpQ3);
-  q = fmadd(q, rh, kExpQ2);
-  q = fmadd(q, rh, kExpQ1);
-  q = fmadd(q, rh, kExpQ0);
-  const float rh2 = rh * rh;
-  const float expm1_rh = fmadd(rh2, q, rh);
-  const float tail = fmadd(rh2, q, fmadd(rl, expm1_rh, rl));  // exp(rh + rl) = 1 + rh + tail
-  const double scale = static_cast<double>(float_of(static_cast<uint32_t>(k + 127) << 23));
-  const double e = fmadd(static_cast<double>(rh) + static_cast<double>(tail), scale, scale);  // exp(-s^2/2)
+  const float kf = kmag - kRoundMagic;  // k = rint(xh / ln 2), in [-185, 0]
+  // 2^(k+64) (a normal float for every k here; NaN z: any value, the result is replaced)
+  const float scale = float_of((bits_of(kmag) - bits_of(kRoundMagic) + 191u) << 23);
+  const float r = fmadd(-kf, kLn2Hi, xh);  // xh - k float(ln 2), exact (a multiple of 2^-21)
+  float ep = kGeluE6;
+  ep = fmadd(ep, r, kGeluE5);
+  ep = fmadd(ep, r, kGeluE4);
+  ep = fmadd(ep, r, kGeluE3);
+  ep = fmadd(ep, r, kGeluE2);
+  ep = fmadd(ep, r, 1.f);
+  ep = fmadd(ep, r, 1.f);
+  const float t = 1.f / fmadd(0.25f, s, 1.f);
+  float R = kGeluR8;
+  R = fmadd(R, t, kGeluR7);
+  R = fmadd(R, t, kGeluR6);
+  R = fmadd(R, t, kGeluR5);
+  R = fmadd(R, t, kGeluR4);
+  R = fmadd(R, t, kGeluR3);
+  R = fmadd(R, t, kGeluR2);
+  R = fmadd(R, t, kGeluR1);
+  R = fmadd(R, t, kGeluR0);
+  const float sp = (((s * R) * ep) * scale) * 0x1p-64f;  // s Phi(-s)
+  const float a_large = with_sign_of(select(neg, sp, z - sp), z);
 
-  const double sd = s;
-  const double v = fmadd(sd, 0.5, -1.0);
-  double r = kR14;
-  r = fmadd(r, v, kR13);
-  r = fmadd(r, v, kR12);
-  r = fmadd(r, v, kR11);
-  r = fmadd(r, v, kR10);
-  r = fmadd(r, v, kR9);
-  r = fmadd(r, v, kR8);
-  r = fmadd(r, v, kR7);
-  r = fmadd(r, v, kR6);
-  r = fmadd(r, v, kR5);
-  r = fmadd(r, v, kR4);
-  r = fmadd(r, v, kR3);
-  r = fmadd(r, v, kR2);
-  r = fmadd(r, v, kR1);
-  r = fmadd(r, v, kR0);
-  // z < 0: |a| = sp, d = xe; z >= 0: |a| = s - sp, d = 1 - xe (float selects, exact in double)
-  const double sgn = select(neg, 1.f, -1.f);
-  const double sp = sd * (r * e);                                          // s Phi(-s)
-  a = with_sign_of(static_cast<float>(fmadd(sgn, sp, select(neg, 0.f, s))), z);  // gelu(-0) = -0
+  // NaN in: the canonical NaN out (the same bits in every code path). gelu(-inf) =
+  // -inf * 0: NaN, as torch. gelu(+inf) = +inf.
+  a = select(is_nan | (neg & is_inf), kNaN, select(small, a_small, a_large));
   if (kDeriv) {
-    const double xe = fmadd(-kC, sd, r) * e;  // (R - c s) exp(-s^2/2)
-    d = static_cast<float>(fmadd(sgn, xe, select(neg, 0.f, 1.f)));
+    float D = kGeluD5;
+    D = fmadd(D, ss, kGeluD4);
+    D = fmadd(D, ss, kGeluD3);
+    D = fmadd(D, ss, kGeluD2);
+    D = fmadd(D, ss, kGeluD1);
+    D = fmadd(D, ss, kGeluD0);
+    const float d_small = fmadd(z, D, 0.5f);
+    const float X = ((fmadd(-kCHi, s, R) * ep) * scale) * 0x1p-64f;
+    const float d_large = select(neg, X, 1.f - X);
+    d = select(is_nan | is_inf, kNaN, select(small, d_small, d_large));  // torch: gelu'(+-inf) = NaN
   }
 }
 

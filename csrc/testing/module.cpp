@@ -2,6 +2,7 @@
 // production module _C (setup.py) and loaded by convmixer_kernels._cpp_lib.load_testing():
 //   _axpb(Tensor x, float a, float b) -> Tensor          (this file, axpb.cu)
 //   _cpu_activation(Tensor z, str activation) -> (Tensor, Tensor)   (activation_test_op.cpp)
+//   _cpu_activation_into(Tensor z, Tensor(a!) a, Tensor(b!)? d, str activation) -> ()  (the same)
 //   _cpu_fma_chains(int iters) -> Tensor                  (fma_rate.cpp)
 // The CPU activation code they exercise is the production csrc/cpu/activation.cpp, compiled
 // into this module too (activation.cpp here).
