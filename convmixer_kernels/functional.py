@@ -46,6 +46,7 @@ from torch import Tensor
 from . import _validate, backends, distributed
 from .backends.native import composite
 from .ops import BLOCK_OPS, layer_eval_op
+from .ops.block import eager_ok
 from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, out_memory_format, resolve_out_format
 
 __all__ = ["dw_block", "pw_block", "patch_embed", "layer_eval"]
@@ -133,10 +134,11 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     stats_in = (None, None) if training else (running_mean, running_var)
     args = (x, weight, bias, bn_weight, bn_bias, *stats_in, training, float(eps), activation,
             save_preact, *op.fmt_args(out_format), name)
+    run = op.eager.apply if eager_ok(x, weight, bias, bn_weight, bn_bias, *stats_in) else op.forward
     if not (training and running_mean is not None):
-        return op.forward(*args)[0]
+        return run(*args)[0]
     with _SavesAfterUpdate():
-        out, mean, var, _ = op.forward(*args)
+        out, mean, var, _ = run(*args)
         _update_running(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
     return out
 

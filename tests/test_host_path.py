@@ -7,6 +7,8 @@
   never taken with grad enabled, under a dispatch mode or a tracer.
 * a conv whose geometry was changed after construction runs the stock modules.
 * ``backends.env_backend`` follows ``os.environ``.
+* the functional API's eager autograd path (``ops.block.eager_ok``): bitwise the registered
+  op's results and gradients, never under a dispatch mode or a tracer, no double backward.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import convmixer_kernels.functional as ck_functional
 from convmixer_kernels import backends, modules
 from convmixer_kernels.modules import DepthwiseBlock, PatchEmbed, PointwiseBlock
 
@@ -206,3 +209,57 @@ def test_env_backend_follows_os_environ(monkeypatch):
         backends.requested(None)
     monkeypatch.delenv(backends.ENV_VAR)
     assert backends.env_backend() is None and backends.requested(None) == "auto"
+
+
+# --- eager autograd path of the functional API ----------------------------------------
+
+def _functional_args(kind):
+    m, x = _make(kind, "cpu")
+    conv, bn = (m.fn[0], m.fn[2]) if kind == "dw" else (m[0], m[2])
+    return ({"dw": ck_functional.dw_block, "pw": ck_functional.pw_block,
+             "patch": ck_functional.patch_embed}[kind], x, conv, bn)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["dw", "pw", "patch"])
+def test_eager_path_equals_the_registered_op(kind, backend, monkeypatch):
+    """Forward, running statistics and every gradient bitwise the same through
+    ``BlockOp.eager`` and through the registered op (``eager_ok`` forced off)."""
+    fn, x, conv, bn = _functional_args(kind)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(ck_functional, "eager_ok", lambda *t, e=eager: e)
+        xs = x.clone().requires_grad_()
+        ps = [t.detach().clone().requires_grad_() for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
+        rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+        out = fn(xs, *ps, rm, rv, training=True, backend=backend)
+        out.backward(torch.ones_like(out) * 0.5 + 0.1 * torch.arange(out.numel()).view_as(out).sin())
+        results.append([out, rm, rv, xs.grad, *(p.grad for p in ps)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_taken_only_outside_modes_and_tracers(monkeypatch):
+    fn, x, conv, bn = _functional_args("pw")
+    calls = []
+    op = ck_functional.BLOCK_OPS["pw_block"]
+    orig = op.eager.apply
+    monkeypatch.setattr(op.eager, "apply", lambda *a: calls.append(1) or orig(*a))
+    args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean.clone(), bn.running_var.clone())
+    fn(x.clone().requires_grad_(), *args, training=True, backend="cpu")
+    assert calls == [1]
+    with _Recorder() as rec:
+        fn(x.clone().requires_grad_(), *args, training=True, backend="cpu")
+    assert calls == [1] and any("convmixer_kernels.pw_block_forward" in o for o in rec.ops)
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(lambda t: fn(t, *args, training=False, backend="cpu"))(x)
+    assert calls == [1] and "convmixer_kernels.pw_block_forward" in gm.code
+
+
+def test_eager_path_refuses_double_backward():
+    fn, x, conv, bn = _functional_args("dw")
+    xs = x.clone().requires_grad_()
+    out = fn(xs, conv.weight, conv.bias, bn.weight, bn.bias, training=True, backend="cpu")
+    (g,) = torch.autograd.grad(out.square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -34,6 +34,8 @@ class BlockOp:
     spec: BlockSpec
     forward: Any   # the registered forward op (a torch.library CustomOpDef)
     backward: Any  # the registered backward op
+    eager: Any     # ``eager.apply(*args)``: the same forward and autograd without the
+                   # registered ops' dispatch layers (``eager_ok``; docs/design.md)
 
     def fmt_args(self, out_format: str) -> tuple:
         """The ``out_format`` argument of the forward op, as a tuple to splice in before
@@ -111,7 +113,7 @@ def define(spec: BlockSpec) -> BlockOp:
         ctx.out_fmt = out_memory_format(_fmt[0]) if _fmt else output_memory_format(x)
         ctx.bn_bias_dtype = None if bn_bias is None else bn_bias.dtype
 
-    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_preact):
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_preact, bwd=bwd):
         x, weight, bias, bn_weight, mean, var, preact = ctx.saved_tensors
         use_batch_stats, eps, activation, backend = ctx.config
         if grad_out is None:  # the output is not used: every gradient is zero
@@ -132,4 +134,35 @@ def define(spec: BlockSpec) -> BlockOp:
                 None, None, None, None, None, None, *([None] * ctx.n_fmt), None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    return BlockOp(spec, fwd, bwd)
+
+    class Eager(torch.autograd.Function):
+        """The registered op's forward implementation and autograd formula, called without
+        the custom op's dispatch (eager calls only: ``eager_ok``)."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = forward_impl(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            return backward(ctx, *grads, bwd=backward_impl)
+
+    Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
+    return BlockOp(spec, fwd, bwd, Eager)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager_ok(*tensors) -> bool:
+    """Whether a block call may take ``BlockOp.eager`` instead of the registered op: plain
+    tensors (no subclass: fake, functional or user tensors go through the op), no
+    torch.compile/export or jit tracing, no dispatch or ``__torch_function__`` mode (profilers
+    of ops, FlopCounterMode, make_fx see the registered op)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
