@@ -246,11 +246,12 @@ def _run_stock(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: 
 def _run_native(x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d) -> Tensor:
     """``bn(act(conv(x)))`` as the stock modules compute it, the same ATen calls with the
     same arguments, for children that ``_stock_reason`` passed (the exact stock classes, no
-    hooks, so each ``__call__`` would only run ``forward``). The calls that ``forward`` would
-    wrap in Python are made directly (the per-call budget: this path must cost no more host
-    time than the stock modules); where ``forward`` does more than one ATen call with
-    fixed arguments (a padding mode other than zeros, BatchNorm's training bookkeeping,
-    no running statistics), ``forward`` itself runs."""
+    hooks, so each ``__call__`` would only run ``forward``). What ``forward`` does is done
+    here directly (the per-call budget: this path must cost no more host time than the stock
+    modules), BatchNorm's training bookkeeping included; a padding mode other than zeros and
+    an eval BatchNorm without running statistics run ``forward`` itself.
+    ``tests/test_host_path.py`` checks the results, statistics, counters and gradients
+    bitwise against the stock modules."""
     p = conv._parameters
     if conv.padding_mode == "zeros":  # nn.Conv2d._conv_forward
         y = torch.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation,
@@ -261,14 +262,22 @@ def _run_native(x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d) 
         y = F.gelu(y, approximate=act.approximate)  # a builtin: no Python wrapper
     else:
         y = torch.relu_(y) if act.inplace else torch.relu(y)  # F.relu
-    b = bn._buffers
-    if bn.training or b["running_mean"] is None or b["running_var"] is None:
+    b, bp = bn._buffers, bn._parameters
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training:  # nn.BatchNorm2d.forward in training (torch 2.11), statement for statement
+        rm = rv = None
+        if bn.track_running_stats:
+            nbt = b["num_batches_tracked"]
+            if nbt is not None:
+                nbt.add_(1)
+                factor = 1.0 / float(nbt) if bn.momentum is None else bn.momentum
+            rm, rv = b["running_mean"], b["running_var"]
+        return F.batch_norm(y, rm, rv, bp["weight"], bp["bias"], True, factor, bn.eps)
+    if b["running_mean"] is None or b["running_var"] is None:
         return bn.forward(y)
     # nn.BatchNorm2d.forward in eval with running statistics: F.batch_norm(training=False)
-    bp = bn._parameters
     return torch.batch_norm(y, bp["weight"], bp["bias"], b["running_mean"], b["running_var"],
-                            False, 0.0 if bn.momentum is None else bn.momentum, bn.eps,
-                            torch.backends.cudnn.enabled)
+                            False, factor, bn.eps, torch.backends.cudnn.enabled)
 
 
 def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Module,
