@@ -15,10 +15,14 @@
 // k weights of the lane's 4 channels come from shared memory (k 16-byte loads), then the
 // k - 1 + 16 input pixels of the row are loaded once each (one vector load, converted once)
 // and feed every output o with j = p - o in [0, k): the k-wide window slides along the row
-// in registers. Per output the taps are summed in the reference order (kernel row, then
+// in registers. The columns go in chunks of CH = 4 (2 for float32) behind a uniform test:
+// a chunk inside the image takes plain loads, one partly outside takes predicated loads
+// with zeros, one wholly outside is skipped (chunks keep the loads in flight few enough for
+// 128 registers). Per output the taps are summed in the reference order (kernel row, then
 // kernel column) with fmaf from 0, as conv_kernel and the NCHW eval_kernel do, so the
-// pre-activation is bitwise theirs for finite weights (rows wholly outside the image are
-// skipped here, where the others add 0 * w: the same unless a weight is inf or NaN).
+// pre-activation is bitwise theirs for finite weights (rows and column chunks wholly outside
+// the image are skipped here, where the others add 0 * w: the same unless a weight is inf
+// or NaN, where they give NaN and this kernel does not).
 // Shared memory per block: the group's weights transposed to [tap][channel] (float32,
 // k*k x 128) and the per-channel epilogue terms (bias, scale, shift), staged once per block
 // (the only block barrier).
@@ -47,7 +51,7 @@ constexpr int THREADS_CL = WARPS * 32;
 constexpr int VC = 4;         // channels per lane
 constexpr int GC = 32 * VC;   // channels per block
 constexpr int TW = 16;        // output pixels per strip (per lane: TW x VC accumulators)
-constexpr int CH = 3;         // input columns per chunk of the tap loop (2-byte types)
+constexpr int CH = 4;         // input columns per chunk of the tap loop (2-byte types)
 static_assert(GC == THREADS_CL, "one thread per channel of the group while staging the terms");
 
 template <typename T>
@@ -198,6 +202,29 @@ __device__ __forceinline__ void cl_epilogue(const ClEvalArgs<T>& a, const float 
   }
 }
 
+// One chunk of CHT input columns p0 .. of a kernel row: load each column's 4-channel vector
+// once (CHECK: zero where outside the image) and feed every output it reaches.
+template <typename T, int K, int CHT, bool CHECK>
+__device__ __forceinline__ void taps_chunk(int p0, const char* q, int cb, uint32_t cmask, const float (&wr)[K][VC],
+                                           float (&acc)[TW][VC]) {
+#pragma unroll
+  for (int p = p0; p < p0 + CHT && p < TW + K - 1; ++p) {
+    float v[VC];
+    if (CHECK) {
+      load4z<T>(reinterpret_cast<const T*>(q + p * cb), (cmask >> p) & 1u, v);
+    } else {
+      load4z<T>(reinterpret_cast<const T*>(q + p * cb), true, v);
+    }
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int o = p - j;  // the output this input feeds through kernel column j
+      if (o < 0 || o >= TW) continue;
+#pragma unroll
+      for (int vv = 0; vv < VC; ++vv) acc[o][vv] = fmaf(v[vv], wr[j][vv], acc[o][vv]);
+    }
+  }
+}
+
 template <typename T, int K>
 __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs<T> a) {
   constexpr int PAD = K / 2;
@@ -211,12 +238,14 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs
   const int c0 = grp * GC;
 
   // ---- per block: the group's weights, transposed, and the per-channel terms ----
-  const int64_t wbase = static_cast<int64_t>(c0) * KK;
-  const int64_t wend = static_cast<int64_t>(a.C) * KK;
-  for (int e = threadIdx.x; e < KK * GC; e += THREADS_CL) {
-    const int cc = e % GC, t = e / GC;  // conflict-free shared stores
-    const int64_t gi = wbase + static_cast<int64_t>(cc) * KK + t;
-    sw[e] = gi < wend ? __ldg(a.wt + gi) : 0.0f;
+  {
+    // thread t stages channel c0 + t (GC == THREADS_CL): its K*K contiguous weights, one
+    // load and one store per tap at immediate offsets
+    const int cs = c0 + static_cast<int>(threadIdx.x);
+    const float* src = a.wt + static_cast<int64_t>(cs < a.C ? cs : 0) * KK;
+    const bool ok = cs < a.C;
+#pragma unroll 9
+    for (int t = 0; t < KK; ++t) sw[t * GC + threadIdx.x] = ok ? __ldg(src + t) : 0.0f;
   }
   {
     const int c = c0 + static_cast<int>(threadIdx.x);
@@ -270,24 +299,20 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs
       const int prow_r = prow - h + hr;  // n * H + hr
       const char* q =
           reinterpret_cast<const char*>(a.x + (static_cast<int64_t>(prow_r) * a.W + wc0) * a.C + c);
-      // the row's columns in chunks of CH behind a uniform test (a chunk wholly outside the
-      // image adds nothing): the scheduler keeps a chunk's loads near their taps, so the
-      // loads in flight fit beside the 64 accumulators and the row's weights
+      asm("" : "+l"(q));  // opaque: column addresses are built from q, not re-derived from indices
+      // the row's columns in chunks of CHT behind a uniform test (a chunk wholly outside the
+      // image adds nothing; one wholly inside needs no per-column test): the scheduler keeps
+      // a chunk's loads near their taps, so the loads in flight fit beside the 64
+      // accumulators and the row's weights
 #pragma unroll
       for (int p0 = 0; p0 < TW + K - 1; p0 += CHT) {
-        if ((cmask >> p0) & ((1u << CHT) - 1u)) {
-#pragma unroll
-          for (int p = p0; p < p0 + CHT && p < TW + K - 1; ++p) {
-            float v[VC];
-            load4z<T>(reinterpret_cast<const T*>(q + p * cb), (cmask >> p) & 1u, v);
-#pragma unroll
-            for (int j = 0; j < K; ++j) {
-              const int o = p - j;  // the output this input feeds through kernel column j
-              if (o < 0 || o >= TW) continue;
-#pragma unroll
-              for (int vv = 0; vv < VC; ++vv) acc[o][vv] = fmaf(v[vv], wr[j][vv], acc[o][vv]);
-            }
-          }
+        const int np = TW + K - 1 - p0 < CHT ? TW + K - 1 - p0 : CHT;  // columns in this chunk
+        const uint32_t m = (cmask >> p0) & ((1u << np) - 1u);
+        if (m == (1u << np) - 1u) {
+          // every column of the chunk in the image: plain loads
+          taps_chunk<T, K, CHT, false>(p0, q, cb, cmask, wr, acc);
+        } else if (m) {
+          taps_chunk<T, K, CHT, true>(p0, q, cb, cmask, wr, acc);
         }
       }
     }
