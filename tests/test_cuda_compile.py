@@ -2,7 +2,8 @@
 
 csrc/cuda/dw_block.cu (the first kernels), csrc/cuda/dw_block_v2.cu (the register-blocked
 eval and train forwards: eval_kernel, train_kernel, finalize_kernel, norm_kernel) and
-csrc/cuda/dw_block_v2_backward.cu (the v2 backward: bwd_kernel, stats_kernel; all in
+csrc/cuda/dw_block_v2_backward.cu (the v2 backward: bwd_kernel, stats_kernel) and
+csrc/cuda/dw_block_v2_cl.cu (the channels_last eval forward: cl_eval_kernel; all in
 docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
@@ -22,9 +23,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu", "csrc/cuda/dw_block_v2_backward.cu"]
+SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu", "csrc/cuda/dw_block_v2_backward.cu",
+           "csrc/cuda/dw_block_v2_cl.cu"]
 V2_MAX_REGS = 128
 V2_CAPPED = ("eval_kernel", "train_kernel", "bwd_kernel", "stats_kernel")  # held to V2_MAX_REGS
+# ("eval_kernel" also matches the channels_last cl_eval_kernel)
 
 
 def _nvcc():
@@ -112,4 +115,8 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             got = sum("bwd_kernel" in fn for fn, *_ in report)
             assert got == want, f"expected {want} v2 backward kernels, got {got}"
             assert sum("stats_kernel" in fn for fn, *_ in report) == 6, "expected 6 v2 stats kernels"
+        if src.endswith("dw_block_v2_cl.cu"):
+            want = 1 if defines else 12  # 3 dtypes x 4 k; sm_80: bfloat16, k = 9
+            got = sum("cl_eval_kernel" in fn for fn, *_ in report)
+            assert got == want, f"sm_{arch}: expected {want} channels_last cl_eval_kernel instantiations, got {got}"
     assert not problems, "\n".join(problems)

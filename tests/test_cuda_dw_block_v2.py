@@ -9,8 +9,10 @@ first kernels. These tests (marked ``cuda``, skipped without a GPU) opt in with 
 v2 with the reference backend at the issue's shapes and awkward ones: odd H and W (the scalar
 load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than a tile, an
 odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
-back to v1 and the default (v1 while unvalidated). A GPU run that passes all of them writes
-the manifest entry that validates v2 (scripts/gpu_check.sh).
+back to v1 and the default (v1 while unvalidated). The channels_last eval forward
+(csrc/cuda/dw_block_v2_cl.*) has its cases at the end (C % 4 == 0, aligned; the other
+channels_last calls stay on v1). A GPU run that passes all of them writes the manifest entry
+that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from convmixer_kernels import _cpp_lib, reference
-from convmixer_kernels.spec import DW_BLOCK
+from convmixer_kernels.spec import DW_BLOCK, output_memory_format
 
 from conftest import assert_close_to_oracle
 from test_cuda_backend import check, close, cuda_args, needs_gpu, to_oracle
@@ -378,3 +380,104 @@ def test_default_is_v1_while_unvalidated(training, monkeypatch):
     monkeypatch.setenv(SWITCH, "1")
     v2 = kernel_forward(args32)
     assert not torch.equal(v1[0], v2[0]), "v1 and v2 gave the same bits: the switch has no effect"
+
+
+# ---- channels_last eval forward (csrc/cuda/dw_block_v2_cl.*) --------------------------------
+# dw_block_forward_kernel runs cl_eval_kernel in eval for channels_last-contiguous x (not also
+# NCHW-contiguous) with k in {3, 5, 7, 9}, C % 4 == 0 and a 16-byte aligned data pointer, any
+# N, H, W (docs/cuda-depthwise.md, "v2 eval forward, channels_last"); other channels_last calls
+# (C % 4 != 0, a misaligned pointer, training) stay on v1 and must still be right with the
+# switch on.
+
+def forward_both_cl(args):
+    """The kernel op in eval against the reference (float32: against the float64 oracle with the
+    tolerance rule; half precisions: against the reference in the same dtype), fresh inputs."""
+    got = kernel_forward(args)
+    want = reference.forward(DW_BLOCK, *args)
+    dtype = args[0].dtype
+    oracle = reference.forward(DW_BLOCK, *to_oracle(args)) if dtype == torch.float32 else (None,) * 4
+    for name, g, w, o in zip(("out", "mean", "var", "preact"), got, want, oracle):
+        check(name, g, w, dtype, o)
+    assert got[0].is_contiguous(memory_format=output_memory_format(args[0]))
+    if args[-1]:
+        assert got[3].is_contiguous(memory_format=output_memory_format(args[0]))
+    return got
+
+
+# (shape, k): the headline-like 32x32 planes (two 16-pixel strips per row), CIFAR-like 16x16,
+# W < 16 (one partial strip: W < the strip and the k-wide window), W not a multiple of 16,
+# 1x1 planes (also NCHW-contiguous: the output is NCHW and the NCHW v2 kernel runs), N = 1, odd
+# H and W, C not a multiple of the 128 channels of a block (idle lanes), H taller than W.
+CL_SHAPES = [((2, 64, 32, 32), 9), ((4, 256, 16, 16), 5), ((2, 96, 32, 32), 7), ((2, 40, 32, 32), 3),
+             ((1, 8, 1, 1), 3), ((3, 4, 1, 1), 9), ((1, 12, 17, 31), 7), ((3, 20, 33, 24), 9),
+             ((2, 4, 9, 6), 5), ((1, 132, 15, 13), 3), ((5, 8, 40, 8), 7), ((1, 4, 3, 5), 9),
+             ((2, 16, 7, 45), 9), ((1, 260, 5, 3), 5)]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", CL_SHAPES, ids=str)
+def test_v2_cl_eval_matches_reference(shape, k, dtype, save_preact, activation):
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", False, save_preact, activation))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_v2_cl_cifar_shape(dtype):
+    """N=128, C=256, 16x16, k=5, channels_last."""
+    forward_both_cl(cuda_args((128, 256, 16, 16), 5, dtype, "channels_last", False, False))
+
+
+def test_v2_cl_headline_shape():
+    """N=64, C=1536, 32x32, k=9, bfloat16, channels_last (against the reference in bfloat16)."""
+    forward_both_cl(cuda_args((64, 1536, 32, 32), 9, torch.bfloat16, "channels_last", False, False))
+
+
+# Channels_last calls the kernel does not cover: C % 4 != 0 (v1), and the train forward (v1).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 32, 32), 9), ((1, 3, 16, 16), 5), ((2, 13, 9, 7), 3),
+                                     ((1, 2, 1, 1), 3)], ids=str)
+def test_v2_cl_fallback_c_not_multiple_of_4(shape, k, dtype):
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", False, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_misaligned_pointer_falls_back(dtype):
+    """A channels_last x whose data pointer is not 16-byte aligned runs v1, correctly."""
+    args = list(cuda_args((2, 8, 32, 32), 9, dtype, "channels_last", False, True))
+    n, c, h, w = args[0].shape
+    base = torch.empty(args[0].numel() + 1, device="cuda", dtype=dtype)
+    x = base[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    x.copy_(args[0])
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
+    args[0] = x
+    forward_both_cl(tuple(args))
+
+
+def test_v2_cl_train_stays_on_v1():
+    forward_both_cl(cuda_args((2, 16, 32, 32), 9, torch.bfloat16, "channels_last", True, True))
+
+
+def test_v2_cl_nan_propagates():
+    args = list(cuda_args((2, 8, 16, 16), 5, torch.float32, "channels_last", False, True, "relu"))
+    args[0] = args[0].clone()
+    args[0][0, 3, 4, 4] = float("nan")
+    forward_both_cl(tuple(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 24, 32, 32), 9), ((4, 32, 16, 16), 5), ((1, 12, 17, 31), 7)], ids=str)
+def test_v2_cl_switch_and_agreement_with_v1(shape, k, dtype, monkeypatch):
+    """=0 runs v1's conv_kernel on the same channels_last call: out agrees within the tolerance
+    (BN as one FFMA here), the saved pre-activation is bitwise v1's (same tap order and
+    rounding, finite weights), and in float32 the switch changes the bits of out."""
+    args = cuda_args(shape, k, dtype, "channels_last", False, True)
+    monkeypatch.setenv(SWITCH, "1")
+    v2 = kernel_forward(args)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args)
+    for name, a, b in zip(("out", "mean", "var", "preact"), v2, v1):
+        close(name, a, b, dtype)
+    assert torch.equal(v2[3], v1[3])
+    if dtype == torch.float32:
+        assert not torch.equal(v2[0], v1[0]), "v1 and v2 gave the same bits: the channels_last path did not run"

@@ -57,6 +57,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
         "csrc/cuda/dw_block_v2_backward.h",
         "csrc/cuda/dw_block_v2_backward.cu",
         "csrc/cuda/dw_block_v2_backward.cuh",
+        "csrc/cuda/dw_block_v2_cl.h",
+        "csrc/cuda/dw_block_v2_cl.cu",
+        "csrc/cuda/dw_block_v2_cl.cuh",
         "csrc/common/checks.h",
     ),
 }

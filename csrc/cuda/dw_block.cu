@@ -42,7 +42,9 @@
 // and train forwards run instead of conv_kernel (+ finalize/norm) for the calls they cover
 // (NCHW-contiguous, k in {3, 5, 7, 9}, W <= 32) only where v2 is enabled
 // (dw_block_v2_enabled: its source hash is validated by a recorded GPU run, or the environment
-// opts in with CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 forces v1; read at each call). By default
+// opts in with CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 forces v1; read at each call); under the same
+// switch the channels_last eval forward (dw_block_v2_cl.{h,cu,cuh}) runs for channels_last-
+// contiguous x with k in {3, 5, 7, 9}, C % 4 == 0 and a 16-byte aligned pointer. By default
 // (unvalidated) the kernels here serve every call. The v2 backward
 // (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD conv and
 // wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
@@ -64,6 +66,7 @@
 #include "dw_block_kernels.cuh"
 #include "dw_block_v2.h"
 #include "dw_block_v2_backward.h"
+#include "dw_block_v2_cl.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -178,6 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
   if (!use_batch_stats && v2_enabled() && dw_block_v2_eval_covers(x, g.k)) {
     dw_block_v2_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
                              save_preact ? preact : at::Tensor());
+    return {out, mean, var, preact};
+  }
+  // channels_last eval (dw_block_v2_cl.*): x channels_last-contiguous, C % 4 == 0, 16-byte aligned
+  if (!use_batch_stats && v2_enabled() && dw_block_v2_cl_eval_covers(x, g.k)) {
+    dw_block_v2_cl_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
+                                save_preact ? preact : at::Tensor());
     return {out, mean, var, preact};
   }
   if (use_batch_stats && v2_enabled() && dw_block_v2_train_covers(x, g.k)) {

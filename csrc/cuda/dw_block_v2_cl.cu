@@ -1,0 +1,132 @@
+// Depthwise block v2, channels_last eval forward: host launch of cl_eval_kernel
+// (dw_block_v2_cl.cuh, design there; interface in dw_block_v2_cl.h). dw_block.cu's forward
+// calls it for the eval calls it covers when v2 is enabled (dw_block_v2_enabled) and runs the
+// first kernels (conv_kernel) for everything else.
+//
+// Instantiations: float32 / bfloat16 / float16 x k in {3, 5, 7, 9}.
+// -DCONVMIXER_DW_V2_ONLY_K9_BF16 (compile checks only) keeps the headline one (bfloat16, k = 9).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "dw_block_v2_cl.cuh"
+#include "dw_block_v2_cl.h"
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace {
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+template <typename T, int K>
+void launch_cl_eval(v2cl::ClEvalArgs<T> a, int64_t groups) {
+  // Strips per warp: enough blocks for about 8 per SM, at most 16 strips per warp (the
+  // block's weight staging is shared by WARPS * ipw strips).
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want_blocks = std::max<int64_t>(1, sms * 8);
+  const int64_t warp_items = static_cast<int64_t>(a.items) * groups;
+  a.ipw = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, warp_items / (v2cl::WARPS * want_blocks))));
+  a.per_block = v2cl::WARPS * a.ipw;
+  const int64_t blocks = (static_cast<int64_t>(a.items) + a.per_block - 1) / a.per_block * groups;
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dw_block v2 channels_last (cuda): the problem needs ",
+              blocks, " thread blocks, at most 2^31 - 1 are supported");
+  v2cl::cl_eval_kernel<T, K>
+      <<<static_cast<unsigned>(blocks), v2cl::THREADS_CL, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_cl_eval_dispatch_k(int k, const v2cl::ClEvalArgs<T>& a, int64_t groups) {
+#ifdef CONVMIXER_DW_V2_ONLY_K9_BF16
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (k == 9) return launch_cl_eval<T, 9>(a, groups);
+  }
+  TORCH_CHECK(false, "dw_block v2 channels_last: built with CONVMIXER_DW_V2_ONLY_K9_BF16");
+#else
+  switch (k) {
+    case 3: return launch_cl_eval<T, 3>(a, groups);
+    case 5: return launch_cl_eval<T, 5>(a, groups);
+    case 7: return launch_cl_eval<T, 7>(a, groups);
+    case 9: return launch_cl_eval<T, 9>(a, groups);
+    default: TORCH_CHECK(false, "dw_block v2 channels_last: k = ", k, " is not covered (3, 5, 7, 9)");
+  }
+#endif
+}
+
+template <typename T>
+void run_cl_eval(const at::Tensor& x, int k, const at::Tensor& wt, const at::Tensor& b, const at::Tensor& bnw,
+                 const at::Tensor& bnb, const at::Tensor& mean, const at::Tensor& var, double eps, int act,
+                 const at::Tensor& out, const at::Tensor& z) {
+  v2cl::ClEvalArgs<T> a{};
+  a.x = x.data_ptr<T>();
+  a.out = out.data_ptr<T>();
+  a.z = z.defined() ? z.data_ptr<T>() : nullptr;
+  a.wt = wt.data_ptr<float>();
+  a.bias = ptr_or_null(b);
+  a.mean = mean.data_ptr<float>();
+  a.var = var.data_ptr<float>();
+  a.bnw = ptr_or_null(bnw);
+  a.bnb = ptr_or_null(bnb);
+  a.eps = static_cast<float>(eps);
+  a.act = act;
+  a.C = static_cast<int>(x.size(1));
+  a.H = static_cast<int>(x.size(2));
+  a.W = static_cast<int>(x.size(3));
+  a.strips = (a.W + v2cl::TW - 1) / v2cl::TW;
+  const int64_t groups = (x.size(1) + v2cl::GC - 1) / v2cl::GC;
+  a.groups = static_cast<int>(groups);
+  a.items = static_cast<int>(x.size(0) * x.size(2) * a.strips);  // covers() bounds it
+  launch_cl_eval_dispatch_k<T>(k, a, groups);
+}
+
+#define CONVMIXER_DW_V2_CL_DISPATCH(st, name, ...)             \
+  AT_DISPATCH_SWITCH(st, name,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+}  // namespace
+
+bool dw_block_v2_cl_eval_covers(const at::Tensor& x, int64_t k) {
+  if (x.dim() != 4 || x.numel() == 0) return false;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous()) return false;
+  const auto st = x.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
+  if (k != 3 && k != 5 && k != 7 && k != 9) return false;
+#ifdef CONVMIXER_DW_V2_ONLY_K9_BF16
+  if (k != 9 || st != at::kBFloat16) return false;
+#endif
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  if (C % v2cl::VC != 0 || !aligned16(x.data_ptr())) return false;
+  // int32 inside an image (H * W * C) and for the strip index (N * H * strips, with room for
+  // the last block's unused items)
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  const int64_t strips = (W + v2cl::TW - 1) / v2cl::TW;
+  return H * W * C < kMax && x.size(0) * H * strips < kMax - 1024;
+}
+
+void dw_block_v2_cl_eval_forward(const at::Tensor& x, int64_t k, const at::Tensor& wt, const at::Tensor& b,
+                                 const at::Tensor& bnw, const at::Tensor& bnb, const at::Tensor& mean,
+                                 const at::Tensor& var, double eps, int act, const at::Tensor& out,
+                                 const at::Tensor& z) {
+  TORCH_CHECK(dw_block_v2_cl_eval_covers(x, k) && wt.size(1) == k * k && wt.is_contiguous(),
+              "dw_block v2 channels_last: call not covered");
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(out.data_ptr()) &&
+                  (!z.defined() || (z.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(z.data_ptr()))),
+              "dw_block v2 channels_last: out and z must be channels_last and 16-byte aligned");
+  CONVMIXER_DW_V2_CL_DISPATCH(x.scalar_type(), "dw_block_v2_cl_eval_forward", [&] {
+    run_cl_eval<scalar_t>(x, static_cast<int>(k), wt, b, bnw, bnb, mean, var, eps, act, out, z);
+  });
+}
+
+}  // namespace cuda
+}  // namespace convmixer_kernels
