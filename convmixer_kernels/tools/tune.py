@@ -32,6 +32,7 @@ import torch
 
 from .. import backends, functional
 from ..backends import tuning
+from ..schema import has_out_format
 from ..spec import SPECS
 from . import report
 from .cases import case_set
@@ -110,16 +111,20 @@ def time_call(op: str, backend: str, mode: str, activation: str, args) -> "calla
     backward) on ``backend``."""
     x, (weight, bias, bn_w, bn_b), rm, rv = args
     fn = getattr(functional, op)
+    # The GEMM blocks write their output in x's layout, as the stock modules (and so a
+    # converted model's stock route) do: with the functional default (channels_last) the
+    # stock candidate would be charged a relayout copy our kernels do not make.
+    layout = {"memory_format": None} if has_out_format(SPECS[op]) else {}
     if mode == "eval":
         def run():
             with torch.no_grad():
                 return fn(x, weight, bias, bn_w, bn_b, rm, rv, training=False,
-                          activation=activation, backend=backend)
+                          activation=activation, backend=backend, **layout)
         return run
 
     def run_train():
         out = fn(x, weight, bias, bn_w, bn_b, rm, rv, training=True, activation=activation,
-                 backend=backend)
+                 backend=backend, **layout)
         out.sum().backward()
         for t in (x, weight, bias, bn_w, bn_b):
             t.grad = None
