@@ -54,6 +54,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
         "csrc/cuda/dw_block_v2.h",
         "csrc/cuda/dw_block_v2.cu",
         "csrc/cuda/dw_block_v2.cuh",
+        "csrc/cuda/dw_block_v2_units.cuh",
         "csrc/cuda/dw_block_v2_backward.h",
         "csrc/cuda/dw_block_v2_backward.cu",
         "csrc/cuda/dw_block_v2_backward.cuh",

@@ -30,11 +30,14 @@
 #include <cstdint>
 
 #include "dw_block_common.cuh"
+#include "dw_block_v2_units.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
 namespace v2 {
 namespace {  // one translation unit: only dw_block_v2.cu includes this
+
+using namespace v2_units;  // load8, store8, subwarp_sum
 
 constexpr int WARPS = 4;  // warps per block (independent tiles)
 constexpr int THREADS_V2 = WARPS * 32;
@@ -58,79 +61,6 @@ struct V2EvalArgs {
   int64_t warps;    // work items: ceil(planes / PPW) * tiles_h
   bool vec;         // W % 8 == 0 and x, out, z 16-byte aligned: 16-byte loads and stores
 };
-
-// 8 consecutive elements as float32; `vec`: one 16-byte row unit (aligned, all in range).
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float v[8]);
-
-template <>
-__device__ __forceinline__ void load8<float>(const float* __restrict__ p, float v[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-
-template <>
-__device__ __forceinline__ void load8<c10::BFloat16>(const c10::BFloat16* __restrict__ p, float v[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // bfloat16 -> float32 is exact: the high half of the word
-    v[2 * i] = __uint_as_float(w[i] << 16);
-    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-template <>
-__device__ __forceinline__ void load8<c10::Half>(const c10::Half* __restrict__ p, float v[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    memcpy(&h, &w[i], 4);
-    const float2 f = __half22float2(h);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-
-// Stores 8 float32 values rounded to T (round to nearest even, as from_f): 16-byte stores.
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ p, const float v[8]);
-
-template <>
-__device__ __forceinline__ void store8<float>(float* __restrict__ p, const float v[8]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  const T lo = from_f<T>(a), hi = from_f<T>(b);
-  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-}
-
-template <>
-__device__ __forceinline__ void store8<c10::BFloat16>(c10::BFloat16* __restrict__ p, const float v[8]) {
-  uint4 u;
-  u.x = pack2<c10::BFloat16>(v[0], v[1]);
-  u.y = pack2<c10::BFloat16>(v[2], v[3]);
-  u.z = pack2<c10::BFloat16>(v[4], v[5]);
-  u.w = pack2<c10::BFloat16>(v[6], v[7]);
-  *reinterpret_cast<uint4*>(p) = u;
-}
-
-template <>
-__device__ __forceinline__ void store8<c10::Half>(c10::Half* __restrict__ p, const float v[8]) {
-  uint4 u;
-  u.x = pack2<c10::Half>(v[0], v[1]);
-  u.y = pack2<c10::Half>(v[2], v[3]);
-  u.z = pack2<c10::Half>(v[4], v[5]);
-  u.w = pack2<c10::Half>(v[6], v[7]);
-  *reinterpret_cast<uint4*>(p) = u;
-}
 
 // Shape of a tile configuration.
 template <int K, int QC, int R>
@@ -326,14 +256,6 @@ struct V2TrainArgs {
   int64_t warps;    // ceil(planes / PPW) * tiles_h
   bool vec;         // W % 8 == 0 and x, z 16-byte aligned
 };
-
-// Sum over the SUB lanes of a sub-warp (SUB = 32 or 16), the same value in each of them.
-template <int SUB>
-__device__ __forceinline__ float subwarp_sum(float v) {
-#pragma unroll
-  for (int m = SUB / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
 
 template <int ACT, typename T, int K, int QC, int R>
 __device__ __forceinline__ void train_epilogue(const V2TrainArgs<T>& a, float (&acc)[R][8], int64_t p, bool pvalid,
