@@ -22,6 +22,7 @@ None/``torch.preserve_format`` (follow the input's layout); see
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _activations, backends, functional
+from .ops import BLOCK_OPS
+from .ops.block import eager_ok
 from ._ranges import block_range
 from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, resolve_out_format, out_memory_format
 
@@ -170,10 +173,12 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
         # F.batch_norm): tracing the stock child modules of a ConvMixerLayer gave wrong
         # running statistics for its depthwise block under aot_eager (torch 2.11)
         return _FUSED
+    grad = torch.is_grad_enabled()
     train = bn.training or (bn.running_mean is None and bn.running_var is None) or (
-        torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        grad and (x.requires_grad or conv.weight.requires_grad))
+    mode = backends.block_mode(train, grad and x.requires_grad)
     fmt = layout.get("memory_format", _KEEP) if "memory_format" in owner.__dict__ else _KEEP
-    key = (id(conv), x.shape, x.stride(), x.dtype, x.device, train, bn.eps, owner.backend,
+    key = (id(conv), x.shape, x.stride(), x.dtype, x.device, mode, bn.eps, owner.backend,
            backends.env_backend(), backends.generation(), fmt)
     routes = owner.__dict__.get("_ck_routes")
     if routes is None or len(routes) > 64:
@@ -181,7 +186,7 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
     route = routes.get(key, _MISSING)
     if route is _MISSING:
         route = _FUSED
-        name = _choose(spec, x, conv, act, bn, owner, train)
+        name = _choose(spec, x, conv, act, bn, owner, mode)
         if name is not None and getattr(backends.get(name), "runs_composite", False):
             route = None
             if fmt is not _KEEP and not spec.residual:
@@ -193,6 +198,10 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
             route = _Inference(backends.get(name), _activations.name_of(act),
                                resolve_out_format(layout["memory_format"], x)
                                if "memory_format" in layout else None, key)
+        elif name is not None and grad and type(x) is Tensor and not owner.memory_saving:
+            route = _Training(name, _activations.name_of(act),
+                              resolve_out_format(layout.get("memory_format", torch.channels_last), x),
+                              key, None)
         else:
             routes[key] = route
     return route
@@ -206,11 +215,21 @@ class _Inference(tuple):
         return super().__new__(cls, (backend, activation, out_format, key))
 
 
+class _Training(tuple):
+    """Route: eager training (grad enabled) by a kernel backend through the op's autograd
+    Function, for a signature the functional API has validated (``run_fused``); ``params``:
+    what it was validated with (``_validated_with``; other tensors in the children, or other
+    BatchNorm options, validate again)."""
+
+    def __new__(cls, name, activation, out_format, key, params):
+        return super().__new__(cls, (name, activation, out_format, key, params))
+
+
 _MISSING = object()
 _KEEP = object()  # no memory_format set on the module: the stock layout
 
 
-def _choose(spec, x, conv, act, bn, owner, train) -> Optional[str]:
+def _choose(spec, x, conv, act, bn, owner, mode) -> Optional[str]:
     """The backend ``auto`` (or the module's choice) runs for this input; None where the
     functional API will raise (it names the argument)."""
     if x.dim() != 4:
@@ -222,8 +241,8 @@ def _choose(spec, x, conv, act, bn, owner, train) -> Optional[str]:
         return None
     activation = _activations.name_of(act)
     try:
-        name = backends.resolve(owner.backend, spec.name, x, "train" if train else "eval",
-                                activation or "gelu", conv.kernel_size[0], conv.out_channels)
+        name = backends.resolve(owner.backend, spec.name, x, mode, activation or "gelu",
+                                conv.kernel_size[0], conv.out_channels)
     except (ValueError, TypeError, backends.BackendUnavailable):
         return None  # the functional API raises the error with its message
     return name
@@ -310,10 +329,70 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
                 and not torch._C._is_torch_function_mode_enabled()):
             return _run_inference(spec, route, x, conv, bn)
         return _run_functional(fn, x, conv, act, bn, owner, layout)
+    if type(route) is _Training:
+        routes = owner.__dict__["_ck_routes"]
+        if routes.get(route[3]) is not route or not _still_valid(route, conv, bn):
+            # this signature's first call (or new tensors in the children): checked by the
+            # functional API, then kept
+            out = _run_functional(fn, x, conv, act, bn, owner, layout)
+            routes[route[3]] = _Training(*route[:4], _validated_with(conv, bn))
+            return out
+        if (torch.is_grad_enabled() and not owner.memory_saving
+                and not torch.is_autocast_enabled(x.device.type)
+                and type(x) is Tensor and eager_ok(x, *conv._parameters.values(),
+                                                   *bn._parameters.values())):
+            return _run_training(spec, route, x, conv, bn)
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
     y = _run_native(x, conv, act, bn)
     if spec.residual:
         return y + x
     return y if route is None else y.contiguous(memory_format=route)
+
+
+def _tensors_of(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    p, bp, b = conv._parameters, bn._parameters, bn._buffers
+    return (p["weight"], p["bias"], bp["weight"], bp["bias"], b["running_mean"], b["running_var"])
+
+
+def _validated_with(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """What a training route was validated with: weak references to the children's tensors
+    (not ids, which a new tensor may reuse) and BatchNorm's options."""
+    return (tuple(None if t is None else weakref.ref(t) for t in _tensors_of(conv, bn)),
+            bn.momentum, bn.training, bn.track_running_stats)
+
+
+def _still_valid(route: "_Training", conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    refs, momentum, training, track = route[4]
+    if (momentum, training, track) != (bn.momentum, bn.training, bn.track_running_stats):
+        return False
+    return all((r is None and t is None) or (r is not None and r() is t)
+               for r, t in zip(refs, _tensors_of(conv, bn)))
+
+
+def _run_training(spec: BlockSpec, route: "_Training", x: Tensor, conv: nn.Conv2d,
+                  bn: nn.BatchNorm2d) -> Tensor:
+    """Eager training on a kernel backend for a validated signature: what
+    ``_run_functional`` runs (nn.BatchNorm2d's bookkeeping, the op's autograd Function, the
+    running statistics' update), without the functional API's checks and backend choice."""
+    name, activation, out_format, _, _ = route
+    p, bp, b = conv._parameters, bn._parameters, bn._buffers
+    w, bias, bn_w, bn_b = p["weight"], p["bias"], bp["weight"], bp["bias"]
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and b["num_batches_tracked"] is not None:
+        b["num_batches_tracked"].add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / b["num_batches_tracked"]
+    rm, rv = b["running_mean"], b["running_var"]
+    use_batch_stats = bn.training or (rm is None and rv is None)
+    if bn.training and not bn.track_running_stats:
+        rm = rv = None
+    needs_grad = (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
+                  or (bn_w is not None and bn_w.requires_grad)
+                  or (bn_b is not None and bn_b.requires_grad))
+    with block_range(_FN_OF[spec.name]):
+        return functional.run_op(BLOCK_OPS[spec.name], x, w, bias, bn_w, bn_b, rm, rv,
+                                 use_batch_stats, factor, bn.eps, activation, needs_grad,
+                                 out_format, name, True)
 
 
 def _run_inference(spec: BlockSpec, route: "_Inference", x: Tensor, conv: nn.Conv2d,

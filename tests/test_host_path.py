@@ -263,3 +263,93 @@ def test_eager_path_refuses_double_backward():
     (g,) = torch.autograd.grad(out.square().sum(), xs, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+# --- eager-training shortcut ---------------------------------------------------------
+
+TRAIN_CASES = ["default", "momentum_none", "no_running_stats", "bn_eval", "frozen_conv",
+               "image_input"]
+
+
+def _configure(m, case):
+    bn = m.fn[2] if isinstance(m, DepthwiseBlock) else m[2]
+    conv = m.fn[0] if isinstance(m, DepthwiseBlock) else m[0]
+    m.train(case != "bn_eval")
+    if case == "momentum_none":
+        bn.momentum = None
+    elif case == "no_running_stats":
+        bn.track_running_stats = False
+    elif case == "frozen_conv":
+        conv.weight.requires_grad_(False)
+        conv.bias.requires_grad_(False)
+    return conv, bn
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", TRAIN_CASES)
+@pytest.mark.parametrize("kind", ["dw", "pw", "patch"])
+def test_training_shortcut_equals_the_functional_path(kind, case, backend, monkeypatch):
+    """From a signature's second call a training forward skips the functional API's checks
+    and choice: outputs, every gradient, running statistics and counters bitwise what the
+    functional path gives the same module, in every BatchNorm configuration."""
+    taken = []
+    real = modules._run_training
+    monkeypatch.setattr(modules, "_run_training", lambda *a: taken.append(1) or real(*a))
+    a, x = _make(kind, backend)
+    b = copy.deepcopy(a)
+    conv_a, bn_a = _configure(a, case)
+    conv_b, bn_b = _configure(b, case)
+    fn = {"dw": ck_functional.dw_block, "pw": ck_functional.pw_block,
+          "patch": ck_functional.patch_embed}[kind]
+    layout = {} if kind == "dw" else {"memory_format": a.memory_format}
+    for step in range(3):
+        xin = x + 0.1 * step
+        xa, xb = xin.clone(), xin.clone()
+        if case != "image_input":
+            xa.requires_grad_(), xb.requires_grad_()
+        ya = a(xa)
+        act_b = b.fn[1] if kind == "dw" else b[1]
+        yb = modules._run_functional(fn, xb, conv_b, act_b, bn_b, b, layout)
+        assert torch.equal(ya, yb) and ya.stride() == yb.stride(), step
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        if case != "image_input":
+            assert torch.equal(xa.grad, xb.grad)
+        for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert (pa.grad is None) == (pb.grad is None), na
+            assert pa.grad is None or torch.equal(pa.grad, pb.grad), na
+        for (na, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
+            assert torch.equal(ba, bb), na
+    assert len(taken) == 2  # the first call of the signature validates
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_training_shortcut_validates_new_tensors_and_stays_off_under_modes(backend, monkeypatch):
+    taken = []
+    real = modules._run_training
+    monkeypatch.setattr(modules, "_run_training", lambda *a: taken.append(1) or real(*a))
+    m, x = _make("pw", backend)
+    m.train()
+    x.requires_grad_()
+    m(x), m(x)
+    assert len(taken) == 1
+    m[0].weight = nn.Parameter(torch.randn(5, 7, 1, 1))  # not this input's channels
+    with pytest.raises(ValueError, match="weight"):
+        m(x)
+    m[0].weight = nn.Parameter(torch.randn(5, 6, 1, 1))
+    m(x)  # validated again
+    assert len(taken) == 1
+    m(x)
+    assert len(taken) == 2
+    with _Recorder() as rec:
+        m(x)
+    assert len(taken) == 2 and any("convmixer_kernels.pw_block_forward" in o for o in rec.ops)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.bfloat16
+    assert len(taken) == 2
+    m.memory_saving = True  # set after the route was kept: the functional API's memory saving
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        m(x)
+    assert len(taken) == 2 and tuple(x.shape[:1]) + (5,) + tuple(x.shape[2:]) not in saved

@@ -179,3 +179,39 @@ def test_record_calls_sees_the_blocks_a_model_runs():
     ops = sorted({s[0] for s in seen})
     assert ops == ["dw_block", "patch_embed", "pw_block"]
     assert any(s[0] == "patch_embed" and s[6] == 2 and s[7] == 16 for s in seen)
+
+
+def test_training_modes_follow_the_input_gradient():
+    """A training call whose input needs no gradient (a model's image into patch_embed) is
+    its own mode: the stock path then skips the input-gradient GEMM, so the timings differ."""
+    from convmixer_kernels.tools.tune import record_calls
+
+    model = ck.ConvMixer(16, 1, kernel_size=3, patch_size=2, num_classes=10).train()
+    with record_calls() as seen:
+        model(torch.randn(2, 3, 8, 8))
+    modes = {s[0]: s[1] for s in seen}
+    assert modes == {"patch_embed": "train_no_input_grad", "dw_block": "train", "pw_block": "train"}
+    with record_calls() as seen:
+        model(torch.randn(2, 3, 8, 8, requires_grad=True))
+    assert {s[0]: s[1] for s in seen}["patch_embed"] == "train"
+    assert backends.block_mode(False, False) == "eval"
+
+
+def test_no_input_grad_mode_has_its_rows_else_the_train_rows(dirs):
+    user, _ = dirs
+    write(user, table(entry("cpu", mode="train")))
+    assert backends.choose(None, "dw_block", x_of(), "train_no_input_grad", "gelu", 3, 8)[0] == "cpu"
+    write(user, table(entry("cpu", mode="train"), entry("reference", mode="train_no_input_grad")))
+    assert backends.choose(None, "dw_block", x_of(), "train_no_input_grad", "gelu", 3, 8)[0] == "reference"
+    assert backends.choose(None, "dw_block", x_of(), "train", "gelu", 3, 8)[0] == "cpu"
+    with pytest.raises(ValueError, match="mode"):
+        backends.explain(x_of(), "dw_block", mode="training")
+
+
+@pytest.mark.parametrize("mode", ["train", "train_no_input_grad"])
+def test_tune_times_the_input_gradient_as_recorded(mode):
+    from convmixer_kernels.tools import tune
+
+    x, params, _, _ = tune._inputs("patch_embed", (1, 3, 8, 8), 2, 4, torch.float32, "contiguous",
+                                   torch.device("cpu"), mode)
+    assert x.requires_grad == (mode == "train") and all(p.requires_grad for p in params)

@@ -46,6 +46,22 @@ log = logging.getLogger("convmixer_kernels")
 
 ENV_VAR = "CONVMIXER_KERNELS_BACKEND"
 _REGISTRY: dict[str, Backend] = {}
+
+# What a block call will do, for the choice: 'eval' (a forward with running statistics),
+# 'train' (batch statistics and/or a backward that wants the input's gradient),
+# 'train_no_input_grad' (the same with an input that needs no gradient: a model's image
+# into patch_embed, where the stock path skips the whole input-gradient GEMM).
+MODES = ("eval", "train", "train_no_input_grad")
+
+
+def block_mode(train: bool, input_grad: bool) -> str:
+    """The mode of a block call (``MODES``): ``train`` for batch statistics or any gradient,
+    ``input_grad`` whether the input itself will get a gradient."""
+    if not train:
+        return "eval"
+    return "train" if input_grad else "train_no_input_grad"
+
+
 _resolved: dict[tuple, str] = {}  # (backend asked, input signature) -> backend name
 _generation = [0]  # bumped whenever a cached choice may be stale (register, tune)
 
@@ -166,8 +182,8 @@ def first_kernel(op: str, x: Tensor) -> str:
 
 def choose(backend: Optional[str], op: str, x: Tensor, mode: str = "eval",
            activation: str = "gelu", k: int = 1, cout: int = 0) -> tuple[str, str]:
-    """(backend name, why) for running ``op`` on ``x``. ``mode``: 'eval' (running
-    statistics) or 'train' (batch statistics and/or a backward); ``k``: the conv's
+    """(backend name, why) for running ``op`` on ``x``. ``mode``: one of ``MODES``
+    (``block_mode``); ``k``: the conv's
     kernel (or patch) size; ``cout``: its output channels (0: x's channels)."""
     want = requested(backend)
     if want != "auto":
@@ -243,15 +259,15 @@ def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str
     why: ``{'chosen': name, 'why': sentence, 'backends': {name: 'available' or reason}}``,
     and for the depthwise ops ``'cuda_dw_v2'``: whether the cuda backend's v2 kernels are
     validated (``validated``, ``why``) and what the cuda backend runs (``runs``: v1 or v2).
-    ``mode``: 'eval' or 'train'; ``k``: the conv's kernel or patch size (1 for pw_block);
+    ``mode``: one of ``MODES`` ('eval', 'train', 'train_no_input_grad'); ``k``: the conv's kernel or patch size (1 for pw_block);
     ``cout``: its output channels (0: x's)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected an input tensor (explain takes the tensor the op would "
                         f"run on; for a device use available_backends(device)), got {type(x).__name__}")
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode: expected 'eval' or 'train', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     name, why = choose(backend, op, x, mode, activation, k, cout)
     out = {"chosen": name, "why": why,
            "backends": {n: _REGISTRY[n].unavailable(op, x) or "available" for n in names()}}
@@ -262,5 +278,5 @@ def explain(x: Tensor, op: str = "dw_block", mode: str = "eval", activation: str
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "OPS", "Backend", "BackendUnavailable", "BlockForward",
            "BlockGrads", "register", "unregister", "names", "get", "check_name", "resolve",
-           "choose", "first_kernel", "available_backends", "explain", "tuning", "validation", "generation",
+           "choose", "block_mode", "MODES", "first_kernel", "available_backends", "explain", "tuning", "validation", "generation",
            "forget_choices"]

@@ -8,6 +8,8 @@ by the tensors' device. ``layer_eval`` runs the two block kernels.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _cpp_lib, reference
@@ -41,8 +43,9 @@ class CompiledBackend(Backend):
     def _nonfinite_dw_weight(self, spec, weight) -> bool:
         """The CPU depthwise kernels convolve a zero-padded tile, so a NaN/Inf tap would
         spread over the border (0 * NaN) where the stock conv never reads it; such a
-        call runs the reference instead (a check of C*k*k values, on the CPU only)."""
-        return spec.depthwise and weight.device.type == "cpu" and not bool(torch.isfinite(weight).all())
+        call runs the reference instead (a check of C*k*k values, on the CPU only: one sum,
+        whose overflow on huge finite taps only sends the call to the reference too)."""
+        return spec.depthwise and weight.device.type == "cpu" and not math.isfinite(weight.sum())
 
     def block_forward(self, spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       use_batch_stats, eps, activation, save_preact, out_format=None):

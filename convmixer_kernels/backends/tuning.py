@@ -11,8 +11,10 @@ run, and keeps the fastest (a kernel of ours must beat the stock path by the tab
    ``~/.cache/convmixer_kernels/tuning/`` (``$XDG_CACHE_HOME`` respected);
 2. the shipped table: ``convmixer_kernels/tuning/<family>.json`` in the package.
 
-Lookup rule for an input: entries of the same op, mode ('eval' or 'train'), dtype and
-layout ('channels_last' or 'contiguous'); among them, those with the same activation
+Lookup rule for an input: entries of the same op, mode ('eval', 'train' or
+'train_no_input_grad': a training call whose input needs no gradient, e.g. a model's image
+into patch_embed; without entries of that mode, the 'train' ones), dtype and layout
+('channels_last' or 'contiguous'); among them, those with the same activation
 if any; then the nearest shape by
 ``|log2 P - log2 P'| + |log2 C - log2 C'| + |log2 Co - log2 Co'| + |k - k'| / 2``
 (P = N*H*W input pixels, C = input channels, Co = output channels, k = kernel or patch
@@ -136,6 +138,9 @@ def lookup(op: str, x: Tensor, mode: str, activation: str, k: int,
     dt, lay = dtype_name(x.dtype), layout_of(x)
     rows = [e for e in table["entries"]
             if e["op"] == op and e["mode"] == mode and e["dtype"] == dt and e["layout"] == lay]
+    if not rows and mode == "train_no_input_grad":  # a table measured without the mode
+        rows = [e for e in table["entries"]
+                if e["op"] == op and e["mode"] == "train" and e["dtype"] == dt and e["layout"] == lay]
     if not rows:
         return None
     same_act = [e for e in rows if e["act"] == activation]

@@ -258,9 +258,11 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
 def _auto_choice(case: Case, mode: str, x: torch.Tensor) -> str:
     """What auto runs for the case's op-level calls ('+'-joined), e.g. 'cpu+native'. For
     models, the blocks' own inputs differ from the image: their shapes come from the case."""
-    tmode = "eval" if mode == "inference" else "train"
     chosen = set()
     for op in case.ops_used:
+        # the image into patch_embed needs no gradient (in the op rows too: needs_input_grad)
+        frozen = op == "patch_embed" and (case.kind != "op" or not case.needs_input_grad)
+        tmode = "eval" if mode == "inference" else backends.block_mode(True, not frozen)
         if case.kind == "op":
             xin = x
         else:  # a model: the trunk's block input (N, dim, H/p, W/p), in the trunk's layout

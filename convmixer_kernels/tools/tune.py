@@ -9,7 +9,9 @@ table that ``auto`` reads (``convmixer_kernels.backends.tuning``).
 2. Time: for each call, every usable backend but ``reference`` (and ``triton`` on a
    CPU, where it runs only under the interpreter) runs the same random inputs side by
    side in one process, interleaved, ``--repeats`` rounds: eval = a forward under
-   no_grad with running statistics, train = a training forward plus backward.
+   no_grad with running statistics, train = a training forward plus backward (with the
+   input's gradient for 'train', without it for 'train_no_input_grad': the mode the
+   recorded call had, ``backends.block_mode``).
 3. Keep: the fastest by median; a kernel of ours must beat ``native`` (the stock path)
    by ``--margin`` (default 3 %) or ``native`` is kept, so noise never picks a slower path.
 
@@ -84,7 +86,7 @@ def _signatures(device: torch.device, dtype: str, full: bool) -> list[tuple]:
 
 
 def _inputs(op: str, shape: tuple, k: int, cout: int, dtype: torch.dtype, layout: str,
-            device: torch.device, train: bool):
+            device: torch.device, mode: str):
     n, c, h, w = shape
     spec = SPECS[op]
     g = torch.Generator().manual_seed(0)
@@ -97,8 +99,8 @@ def _inputs(op: str, shape: tuple, k: int, cout: int, dtype: torch.dtype, layout
     if layout == "channels_last":
         weight = weight.contiguous(memory_format=torch.channels_last)
     params = [weight, rnd(cout), rnd(cout), rnd(cout)]
-    if train:
-        x.requires_grad_(True)
+    if mode != "eval":
+        x.requires_grad_(mode == "train")  # 'train_no_input_grad': no gradient of x
         for p in params:
             p.requires_grad_(True)
     rm = torch.zeros(cout, device=device)
@@ -174,7 +176,7 @@ def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_
         sigs = _signatures(device, dtype, full)
         log(f"tune: {len(sigs)} block calls to time for {dtype} on {device}")
         for i, (op, mode, dt, layout, act, shape, k, cout) in enumerate(sigs):
-            args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode == "train")
+            args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
             names = candidates(op, args[0])
             fns = {b: time_call(op, b, mode, act, args) for b in names}
             ms = _measure(fns, device, repeats, min_s)
