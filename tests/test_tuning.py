@@ -215,3 +215,27 @@ def test_tune_times_the_input_gradient_as_recorded(mode):
     x, params, _, _ = tune._inputs("patch_embed", (1, 3, 8, 8), 2, 4, torch.float32, "contiguous",
                                    torch.device("cpu"), mode)
     assert x.requires_grad == (mode == "train") and all(p.requires_grad for p in params)
+
+
+def test_tune_backward_gets_a_dense_gradient_in_the_output_layout(monkeypatch):
+    """tune times a training call with a random output gradient in the output's layout, as
+    a loss and the benchmark hand it on (not the expanded gradient of out.sum())."""
+    from convmixer_kernels import functional
+    from convmixer_kernels.tools import tune
+
+    grads = []
+    real = functional.pw_block
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        if out.requires_grad:
+            out.register_hook(lambda g: grads.append(g))
+        return out
+
+    monkeypatch.setattr(functional, "pw_block", spy)
+    args = tune._inputs("pw_block", (2, 8, 4, 4), 1, 8, torch.float32, "channels_last",
+                        torch.device("cpu"), "train")
+    tune.time_call("pw_block", "native", "train", "gelu", args)()
+    (g,) = grads
+    assert g.is_contiguous(memory_format=torch.channels_last) and 0 not in g.stride()
+    assert g.std() > 0.5  # random, not ones

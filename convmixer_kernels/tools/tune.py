@@ -124,10 +124,17 @@ def time_call(op: str, backend: str, mode: str, activation: str, args) -> "calla
                           activation=activation, backend=backend, **layout)
         return run
 
+    # The output's gradient: a random tensor in the output's layout, as a loss hands it on
+    # (and as the benchmark does). out.sum().backward() would hand an expanded (stride 0)
+    # gradient that some backward paths first copy and others do not.
+    with torch.no_grad():
+        out = fn(x, weight, bias, bn_w, bn_b, rm.clone(), rv.clone(), training=True,
+                 activation=activation, backend=backend, **layout)
+    grad = torch.randn_like(out)
+
     def run_train():
-        out = fn(x, weight, bias, bn_w, bn_b, rm, rv, training=True, activation=activation,
-                 backend=backend, **layout)
-        out.sum().backward()
+        fn(x, weight, bias, bn_w, bn_b, rm, rv, training=True, activation=activation,
+           backend=backend, **layout).backward(grad)
         for t in (x, weight, bias, bn_w, bn_b):
             t.grad = None
     return run_train
