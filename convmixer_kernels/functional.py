@@ -125,6 +125,9 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     if (memory_saving and getattr(backends.get(name), "runs_composite", False)
             and backends.requested(backend) == "auto"):
         name = backends.first_kernel(spec.name, x)  # the stock path has no memory-saving mode
+    if (torch._C._functorch.peek_interpreter_stack() is not None and backends.requested(backend) == "auto"
+            and not torch.compiler.is_compiling()):
+        name = "native"  # torch.func transforms: the custom ops' autograd cannot run under them
     if (getattr(backends.get(name), "runs_composite", False) or x.shape[0] == 0) and not sync:
         # (an empty batch, N = 0, is the stock modules' business: an empty result)
         return composite(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -74,7 +74,8 @@ _UNUSUAL = "a sparse, mkldnn, nested or quantized input (the stock modules decid
 # Reasons whose stock call returns exactly what the stock modules return (no relayout to
 # the block's output layout): the tracers record the stock graph; unusual tensors have
 # no memory format to change.
-_AS_STOCK = frozenset((_FX, _JIT, _ONNX, _UNUSUAL))
+_FUNC = "a torch.func transform (grad, vjp, jvp, vmap, ...): the custom ops' autograd does not support them"
+_AS_STOCK = frozenset((_FX, _JIT, _ONNX, _UNUSUAL, _FUNC))
 _EMPTY = "an empty input (N = 0)"
 
 
@@ -96,7 +97,8 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
        or global module hooks are registered (``register_module_forward_hook`` & co.);
     3. a tracer that cannot see the custom ops is running: ``torch.fx`` (a Proxy input),
        ``torch.jit.trace``, ``torch.onnx.export`` (both exporters; ``torch.export`` on
-       its own and ``torch.compile`` keep the fused ops);
+       its own and ``torch.compile`` keep the fused ops), or a ``torch.func`` transform
+       (``grad``, ``vjp``, ``jvp``, ``vmap``: custom ops' autograd cannot run under them);
     4. the input is one the fused kernels do not take but the stock modules handle
        (or reject) themselves: an empty tensor (N = 0), a sparse, mkldnn, nested or
        quantized tensor.
@@ -121,6 +123,8 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
         return _FX
     if torch.jit.is_tracing():  # the legacy ONNX exporter traces with it too
         return _JIT
+    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+        return _FUNC
     # The dynamo ONNX exporter runs torch.export; torch.export alone keeps the fused ops.
     if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
         return _ONNX

@@ -95,6 +95,42 @@ def test_forward_backward(backend, training, shape):
     assert_same_state(stock, fused)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms(backend, transform):
+    """torch.func over a converted model in eval (BatchNorm's running statistics; training
+    mutates them, which torch.func refuses for the stock model too): the same gradients as
+    the stock model, after calls that kept the module's routes."""
+    from torch.func import functional_call, grad, vmap
+
+    stock, fused = pair(backend, training=False)
+    x = torch.randn(3, 3, 16, 16)
+    for _ in range(2):  # the routes of plain eager calls, grad and no grad
+        step(fused, x.requires_grad_())
+    results = []
+    for model in (stock, fused):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xb, model=model):
+            out = functional_call(model, p, (xb,))
+            return (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        if transform == "grad":
+            results.append(grad(loss)(params, x.detach()))
+        else:  # per-sample gradients
+            results.append(vmap(grad(loss), in_dims=(None, 0))(params, x.detach()[:, None]))
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_torch_func_grad_of_the_functional_api_under_auto():
+    from torch.func import grad
+
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    want = grad(lambda w: ck.dw_block(x, w, training=True, backend="native").square().sum())(w)
+    got = grad(lambda w: ck.dw_block(x, w, training=True).square().sum())(w)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif("triton" not in ck.available_backends("cpu"),
                     reason="needs triton (under TRITON_INTERPRET=1, which conftest sets)")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -161,8 +161,10 @@ def eager_ok(*tensors) -> bool:
     """Whether a block call may take ``BlockOp.eager`` instead of the registered op: plain
     tensors (no subclass: fake, functional or user tensors go through the op), no
     torch.compile/export or jit tracing, no dispatch or ``__torch_function__`` mode (profilers
-    of ops, FlopCounterMode, make_fx see the registered op)."""
+    of ops, FlopCounterMode, make_fx see the registered op), no torch.func transform (grad,
+    vjp, vmap, jacrev: their autograd goes through the registered op's formula)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()):
+            or torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
