@@ -38,7 +38,38 @@ from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, resolve_out_format
 __all__ = ["DepthwiseBlock", "PointwiseBlock", "PatchEmbed", "ConvMixerLayer", "ConvMixer"]
 
 
-class FusedOptions:
+_FORMAT_NAMES = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous_format",
+                 torch.preserve_format: "preserve_format"}
+_FORMAT_TAG = "__torch_memory_format__"
+
+
+class _PickleState:
+    """``torch.save`` of a whole model (pickle protocol 2), multiprocessing and
+    ``copy.deepcopy``: the per-call route cache (``_native_route``: backend objects, weak
+    references, ids of this process's modules) is left out, and a ``memory_format``
+    option travels by name (torch's memory formats do not pickle with protocol 2)."""
+
+    _FORMAT_KEYS = ("memory_format", "_memory_format")
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_ck_routes", None)
+        for key in self._FORMAT_KEYS:
+            fmt = state.get(key)
+            if fmt is not None and fmt in _FORMAT_NAMES:
+                state[key] = (_FORMAT_TAG, _FORMAT_NAMES[fmt])
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        for key in self._FORMAT_KEYS:
+            fmt = state.get(key)
+            if isinstance(fmt, tuple) and len(fmt) == 2 and fmt[0] == _FORMAT_TAG:
+                state[key] = getattr(torch, fmt[1])
+        super().__setstate__(state)
+
+
+class FusedOptions(_PickleState):
     """The per-module options every fused module has (class defaults; set on instances)."""
 
     backend: Optional[str] = None
@@ -592,7 +623,7 @@ def layer_module_eval(layer: nn.Module, x: Tensor) -> Tensor:
             act2=_activations.name_of(act2), backend="triton", memory_format=layer.memory_format)
 
 
-class ConvMixer(nn.Module):
+class ConvMixer(_PickleState, nn.Module):
     """ConvMixer with timm's attribute names and ``state_dict`` keys.
 
     ``ConvMixer(dim, depth, ...).load_state_dict(timm_model.state_dict())`` works for

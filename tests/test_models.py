@@ -158,3 +158,33 @@ def test_convmixer_trunk_layout(fmt, want_cl):
     assert layouts == [want_cl] * 3
     with pytest.raises(ValueError, match="memory_format"):
         ck.ConvMixer(8, 1, memory_format=torch.preserve_format)
+
+
+@pytest.mark.parametrize("which", ["ConvMixer", "converted timm"])
+def test_whole_model_torch_save_load_and_deepcopy_after_calls(which, tmp_path):
+    """torch.save of the whole module (pickle protocol 2) and copy.deepcopy work after
+    training and eval calls, as for the stock model; the copy computes the same."""
+    torch.manual_seed(0)
+    if which == "ConvMixer":
+        model = ck.ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=10,
+                             memory_format=torch.contiguous_format)
+    else:
+        timm = pytest.importorskip("timm")
+        model = ck.convert(timm.models.convmixer.ConvMixer(dim=16, depth=2, kernel_size=3,
+                                                           patch_size=2, num_classes=10))
+    ck.set_backend(model, "cpu")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    for _ in range(2):
+        model.train()(x).sum().backward()
+        with torch.no_grad():
+            model.eval()(x)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(x)
+        for other in (loaded, copied):
+            assert torch.equal(other(x), want)
+    if which == "ConvMixer":
+        assert loaded.memory_format is torch.contiguous_format
+    loaded.train()(x).sum().backward()
