@@ -46,7 +46,7 @@ from torch import Tensor
 from . import _validate, backends, distributed
 from .backends.native import composite
 from .ops import BLOCK_OPS, layer_eval_op
-from .ops.block import eager_ok
+from .ops.block import autograd_transform_active, eager_ok
 from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, out_memory_format, resolve_out_format
 
 __all__ = ["dw_block", "pw_block", "patch_embed", "layer_eval"]
@@ -125,9 +125,8 @@ def _block(spec: BlockSpec, x, weight, bias, bn_weight, bn_bias, running_mean, r
     if (memory_saving and getattr(backends.get(name), "runs_composite", False)
             and backends.requested(backend) == "auto"):
         name = backends.first_kernel(spec.name, x)  # the stock path has no memory-saving mode
-    if (torch._C._functorch.peek_interpreter_stack() is not None and backends.requested(backend) == "auto"
-            and not torch.compiler.is_compiling()):
-        name = "native"  # torch.func transforms: the custom ops' autograd cannot run under them
+    if backends.requested(backend) == "auto" and autograd_transform_active():
+        name = "native"  # the custom ops' autograd cannot run under torch.func or forward AD
     if (getattr(backends.get(name), "runs_composite", False) or x.shape[0] == 0) and not sync:
         # (an empty batch, N = 0, is the stock modules' business: an empty result)
         return composite(spec, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

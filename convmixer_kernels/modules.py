@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from . import _activations, backends, functional
 from .ops import BLOCK_OPS
-from .ops.block import eager_ok
+from .ops.block import autograd_transform_active, eager_ok
 from ._ranges import block_range
 from .spec import DW_BLOCK, PATCH_EMBED, PW_BLOCK, BlockSpec, resolve_out_format, out_memory_format
 
@@ -105,7 +105,8 @@ _UNUSUAL = "a sparse, mkldnn, nested or quantized input (the stock modules decid
 # Reasons whose stock call returns exactly what the stock modules return (no relayout to
 # the block's output layout): the tracers record the stock graph; unusual tensors have
 # no memory format to change.
-_FUNC = "a torch.func transform (grad, vjp, jvp, vmap, ...): the custom ops' autograd does not support them"
+_FUNC = ("a torch.func transform (grad, vjp, jvp, vmap, ...) or forward-mode AD: the custom "
+         "ops' autograd does not support them")
 _AS_STOCK = frozenset((_FX, _JIT, _ONNX, _UNUSUAL, _FUNC))
 _EMPTY = "an empty input (N = 0)"
 
@@ -129,7 +130,8 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
     3. a tracer that cannot see the custom ops is running: ``torch.fx`` (a Proxy input),
        ``torch.jit.trace``, ``torch.onnx.export`` (both exporters; ``torch.export`` on
        its own and ``torch.compile`` keep the fused ops), or a ``torch.func`` transform
-       (``grad``, ``vjp``, ``jvp``, ``vmap``: custom ops' autograd cannot run under them);
+       (``grad``, ``vjp``, ``jvp``, ``vmap``) or forward-mode AD: custom ops' autograd
+       cannot run under them;
     4. the input is one the fused kernels do not take but the stock modules handle
        (or reject) themselves: an empty tensor (N = 0), a sparse, mkldnn, nested or
        quantized tensor.
@@ -154,7 +156,7 @@ def _stock_reason(x: Any, conv: nn.Module, act: nn.Module, bn: nn.Module) -> Opt
         return _FX
     if torch.jit.is_tracing():  # the legacy ONNX exporter traces with it too
         return _JIT
-    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+    if autograd_transform_active():
         return _FUNC
     # The dynamo ONNX exporter runs torch.export; torch.export alone keeps the fused ops.
     if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():

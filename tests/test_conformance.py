@@ -122,6 +122,28 @@ def test_torch_func_transforms(backend, transform):
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad(backend, training):
+    """Forward-mode AD (dual numbers) through a converted model: the stock model's tangent
+    (and, in training, the same running statistics)."""
+    import torch.autograd.forward_ad as fwAD
+
+    stock, fused = pair(backend, training)
+    x = torch.randn(3, 3, 16, 16)
+    for _ in range(2):
+        step(fused, x.clone().requires_grad_()), step(stock, x.clone().requires_grad_())
+    t = torch.randn_like(x)
+    out = []
+    for model in (stock, fused):
+        with fwAD.dual_level():
+            y = model(fwAD.make_dual(x, t))
+            out.append(fwAD.unpack_dual(y))
+    torch.testing.assert_close(out[1].primal, out[0].primal, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out[1].tangent, out[0].tangent, rtol=1e-3, atol=1e-4)
+    assert_same_state(stock, fused)
+
+
 def test_torch_func_grad_of_the_functional_api_under_auto():
     from torch.func import grad
 

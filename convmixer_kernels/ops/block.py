@@ -157,14 +157,23 @@ def define(spec: BlockSpec) -> BlockOp:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def autograd_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) or forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``) is active: the custom ops' autograd (and
+    ``BlockOp.eager``) support neither, the stock composite does. Outside torch.compile."""
+    return ((torch._C._functorch.peek_interpreter_stack() is not None
+             or torch.autograd.forward_ad._current_level >= 0)
+            and not torch.compiler.is_compiling())
+
+
 def eager_ok(*tensors) -> bool:
     """Whether a block call may take ``BlockOp.eager`` instead of the registered op: plain
     tensors (no subclass: fake, functional or user tensors go through the op), no
     torch.compile/export or jit tracing, no dispatch or ``__torch_function__`` mode (profilers
-    of ops, FlopCounterMode, make_fx see the registered op), no torch.func transform (grad,
-    vjp, vmap, jacrev: their autograd goes through the registered op's formula)."""
+    of ops, FlopCounterMode, make_fx see the registered op), no torch.func transform or
+    forward-mode AD (``autograd_transform_active``)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or autograd_transform_active()):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
