@@ -290,3 +290,22 @@ def test_import_does_not_load_triton():
             "print('triton' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_summary_gives_the_same_layout_ratio(rows):
+    """The summary line of each fused_auto row: eager in the same input layout over the row
+    (the never-slower rule), beside the best-baseline ratio."""
+    text = bench.summary(rows, "test")
+    checked = 0
+    for r in rows:
+        if r["provider"] not in ("fused_auto", "fused_auto_cl") or r["suite"] != "ops":
+            continue
+        twin = "eager_nchw" if r["provider"] == "fused_auto" else "eager_channels_last"
+        e = next(q for q in rows if q["provider"] == twin and q["op"] == r["op"]
+                 and q["mode"] == r["mode"] and q["N"] == r["N"] and q["C_in"] == r["C_in"])
+        want = f"{e['p50_ms'] / r['p50_ms']:5.2f}x vs {twin}"
+        line = next(ln for ln in text.splitlines()
+                    if f" {r['mode']} " in ln and ln.split()[0] == r["op"] and f" {r['provider']} " in ln)
+        assert want in line, (want, line)
+        checked += 1
+    assert checked >= 6

@@ -38,7 +38,8 @@ import torch
 
 from .. import backends
 from . import report as _report
-from .cases import BASELINES, MODE_ALIASES, MODELS, MODES, OPS, SUITES, Case, case_set, our_providers
+from .cases import (BASELINES, CHANNELS_LAST_SUFFIX, MODE_ALIASES, MODELS, MODES, OPS, SUITES, Case,
+                    case_set, our_providers)
 from .steps import build
 from .roofline import Peaks, l2_cache_bytes, measure_peaks
 from .timing import PEAK_MEMORY_HOW, peak_memory_mb, time_ms
@@ -392,15 +393,26 @@ def _run(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
+_SAME_LAYOUT = {"fused_auto": "eager_nchw", "fused_auto" + CHANNELS_LAST_SUFFIX: "eager_channels_last"}
+_GROUP = ("suite", "op", "mode", "dtype", "N", "C_in", "C_out", "H", "W", "k", "patch", "activation", "depth")
+
+
 def summary(rows: list[dict], device_name: str) -> str:
-    """fused_auto against the best baseline, per op/model and mode (the short answer)."""
-    lines = [f"summary on {device_name}: fused_auto (what a converted model runs) vs the best "
-             "baseline; >1 is faster"]
+    """fused_auto (NCHW inputs) and fused_auto_cl (channels_last inputs) against eager in
+    the same layout (the never-slower rule: a converted model against the stock model it
+    replaced, fed the same inputs) and against the best baseline, per op/model and mode."""
+    lines = [f"summary on {device_name}: fused_auto (what a converted model runs) vs eager in "
+             "the same input layout, and vs the best baseline; >1 is faster"]
+    eager = {(tuple(r[k] for k in _GROUP), r["provider"]): r["p50_ms"] for r in rows
+             if r["provider"] in _SAME_LAYOUT.values()}
     for r in rows:
-        if r["provider"] != "fused_auto" or r["speedup_vs_best_baseline"] == "":
+        if r["provider"] not in _SAME_LAYOUT or r["speedup_vs_best_baseline"] == "":
             continue
+        same = eager.get((tuple(r[k] for k in _GROUP), _SAME_LAYOUT[r["provider"]]))
+        same_txt = f"{same / r['p50_ms']:5.2f}x" if same and r["p50_ms"] > 0 else "    -"
         noisy = r["p50_ms"] > 0 and (r["p80_ms"] - r["p20_ms"]) / r["p50_ms"] > NOISY_SPREAD
-        lines.append(f"  {r['op']:<24} {r['mode']:<17} {r['dtype']:<9} "
+        lines.append(f"  {r['op']:<24} {r['mode']:<17} {r['dtype']:<9} {r['provider']:<14} "
+                     f"{same_txt} vs {_SAME_LAYOUT[r['provider']]:<20} "
                      f"{r['speedup_vs_best_baseline']:5.2f}x vs {r['best_baseline']:<20} "
                      f"({r['p50_ms']:.3f} ms, backends {r['backend']})"
                      + ("  NOISY: p20-p80 spread over 25% of the median" if noisy else ""))
