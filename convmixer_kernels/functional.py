@@ -153,7 +153,7 @@ def run_op(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, t
     stats_in = (None, None) if training else (running_mean, running_var)
     args = (x, weight, bias, bn_weight, bn_bias, *stats_in, training, float(eps), activation,
             save_preact, *op.fmt_args(out_format), name)
-    run = op.eager.apply if eager else op.forward
+    run = op.eager.fast_apply if eager else op.forward
     if not (training and running_mean is not None):
         return run(*args)[0]
     with _SavesAfterUpdate():

@@ -243,8 +243,8 @@ def test_eager_path_taken_only_outside_modes_and_tracers(monkeypatch):
     fn, x, conv, bn = _functional_args("pw")
     calls = []
     op = ck_functional.BLOCK_OPS["pw_block"]
-    orig = op.eager.apply
-    monkeypatch.setattr(op.eager, "apply", lambda *a: calls.append(1) or orig(*a))
+    orig = op.eager.fast_apply
+    monkeypatch.setattr(op.eager, "fast_apply", lambda *a: calls.append(1) or orig(*a))
     args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean.clone(), bn.running_var.clone())
     fn(x.clone().requires_grad_(), *args, training=True, backend="cpu")
     assert calls == [1]
