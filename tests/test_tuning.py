@@ -239,3 +239,26 @@ def test_tune_backward_gets_a_dense_gradient_in_the_output_layout(monkeypatch):
     (g,) = grads
     assert g.is_contiguous(memory_format=torch.channels_last) and 0 not in g.stride()
     assert g.std() > 0.5  # random, not ones
+
+
+def test_tune_ops_keeps_the_other_ops_entries(dirs, tmp_path, capsys):
+    import argparse
+
+    from convmixer_kernels.tools import tune
+
+    out = tmp_path / "table.json"
+    out.write_text(json.dumps(table(entry("cpu", op="dw_block"), entry("cpu", op="pw_block"))))
+    sigs = [("dw_block", "eval", "float32", "contiguous", "gelu", (2, 8, 6, 6), 3, 8),
+            ("pw_block", "eval", "float32", "contiguous", "gelu", (2, 8, 6, 6), 1, 8)]
+    a = tune.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--device", "cpu", "--out", str(out), "--ops", "pw_block", "--repeats", "1",
+         "--min-time", "0"])
+    with mock_signatures(tune, sigs):
+        t = tune.run_args(a)
+    kept = json.loads(out.read_text())["entries"]
+    assert [(e["op"], e["n"]) for e in kept] == [("dw_block", 2), ("pw_block", 2)]
+    assert kept[0] == entry("cpu", op="dw_block")  # untouched
+    assert set(kept[1]["ms"]) >= {"native"} and t["entries"] == kept
+    with pytest.raises(SystemExit, match="--ops"):
+        tune.run_args(tune.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--device", "cpu", "--out", str(out), "--ops", "conv"]))

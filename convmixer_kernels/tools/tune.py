@@ -15,6 +15,9 @@ table that ``auto`` reads (``convmixer_kernels.backends.tuning``).
 3. Keep: the fastest by median; a kernel of ours must beat ``native`` (the stock path)
    by ``--margin`` (default 3 %) or ``native`` is kept, so noise never picks a slower path.
 
+``--ops`` times only the named ops' calls and keeps the other ops' entries of the table
+already at the destination (its metadata is then this run's).
+
 The table goes to the user's tuning directory (``~/.cache/convmixer_kernels/tuning``),
 which ``auto`` reads before the shipped one, or to ``--out PATH``; ``--ship`` writes it
 into the package (``convmixer_kernels/tuning/``) to be committed.
@@ -28,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -42,6 +45,7 @@ from .cases import case_set
 __all__ = ["add_arguments", "run_args", "record_calls", "time_call", "tune"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TUNED_OPS = ("dw_block", "pw_block", "patch_embed")
 MODES = {"inference": "eval", "forward_backward": "train"}
 
 
@@ -177,10 +181,10 @@ def candidates(op: str, x: torch.Tensor) -> list[str]:
 
 
 def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_s: float,
-         margin: float, log=print) -> dict:
+         margin: float, log=print, ops: Optional[list[str]] = None) -> dict:
     entries = []
     for dtype in dtypes:
-        sigs = _signatures(device, dtype, full)
+        sigs = [s for s in _signatures(device, dtype, full) if ops is None or s[0] in ops]
         log(f"tune: {len(sigs)} block calls to time for {dtype} on {device}")
         for i, (op, mode, dt, layout, act, shape, k, cout) in enumerate(sigs):
             args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
@@ -214,6 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--margin", type=float, default=0.03, help="how much faster than native a kernel of ours "
         "must be to be chosen (default 0.03 = 3%%)")
     add("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    add("--ops", default=None, help="comma list of dw_block,pw_block,patch_embed: time only these "
+        "ops' calls and keep the other ops' entries of the table already at the destination")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", metavar="PATH", default=None, help="write the table here")
     where.add_argument("--ship", action="store_true", help="write it into the package "
@@ -237,8 +243,21 @@ def run_args(a: argparse.Namespace) -> dict:
             pass
     except OSError as exc:
         raise SystemExit(f"error: --out: cannot write {path}: {exc}") from None
+    ops = a.ops.split(",") if a.ops else None
+    unknown = [o for o in ops or () if o not in _TUNED_OPS]
+    if unknown:
+        raise SystemExit(f"error: argument --ops: unknown {unknown}; expected {list(_TUNED_OPS)}")
+    kept = []
+    if ops is not None and path.is_file() and path.stat().st_size:
+        try:  # the other ops' entries of the table there
+            kept = [e for e in tuning.validate(json.loads(path.read_text()), str(path))["entries"]
+                    if e["op"] not in ops]
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: --ops: the table at {path} cannot be kept ({exc}); "
+                             "tune every op instead") from None
     table = tune(device, dtypes, a.full, a.repeats, a.min_time, a.margin,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 log=lambda s: print(s, file=sys.stderr, flush=True), ops=ops)
+    table["entries"] = kept + table["entries"]
     path.write_text(json.dumps(table, indent=1) + "\n")
     tuning.clear_cache()
     backends.forget_choices()
