@@ -284,22 +284,38 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs
 #pragma unroll
       for (int v = 0; v < VC; ++v) acc[o][v] = 0.0f;
 
+#if __CUDA_ARCH__ >= 900
+    // the kernel rows whose input row is inside the image: i in [ilo, ihi) (uniform)
+    const int ilo = PAD - h > 0 ? PAD - h : 0;
+    const int ihi = a.H - h + PAD < K ? a.H - h + PAD : K;
+    // pixel (n, h - PAD + ilo, wc0) of the lane's channels, then one image row (rb bytes) per
+    // kernel row and one pixel (cb bytes) per column; the row's weights at wi (sm_90: about
+    // 150 instructions per strip fewer than recomputing both per row, below)
+    const char* q = reinterpret_cast<const char*>(
+        a.x + (static_cast<int64_t>(prow - h + (h - PAD + ilo)) * a.W + wc0) * a.C + c);
+    const int64_t rb = static_cast<int64_t>(a.W) * cb;
+    const float* wi = wl + ilo * K * GC;
+#pragma unroll 1
+    for (int i = ilo; i < ihi; ++i, q += rb, wi += K * GC) {
+      asm("" : "+l"(q));  // opaque: column addresses are built from q, not re-derived from indices
+#else
+    // sm_80: the row's address and weights recomputed per row (the form above spills there)
 #pragma unroll 1
     for (int i = 0; i < K; ++i) {
       const int hr = h + i - PAD;
       if (hr < 0 || hr >= a.H) continue;  // warp-uniform: the row is outside the image
-      float wr[K][VC];
-#pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const float4 f = *reinterpret_cast<const float4*>(wl + (i * K + j) * GC);
-        wr[j][0] = f.x; wr[j][1] = f.y; wr[j][2] = f.z; wr[j][3] = f.w;
-      }
-      // pixel (n, hr, wc0) of the lane's channels (int64, computed per row: fewer registers
-      // live across the taps), then one pixel (cb bytes, int32) per column
+      const float* wi = wl + i * K * GC;
       const int prow_r = prow - h + hr;  // n * H + hr
       const char* q =
           reinterpret_cast<const char*>(a.x + (static_cast<int64_t>(prow_r) * a.W + wc0) * a.C + c);
       asm("" : "+l"(q));  // opaque: column addresses are built from q, not re-derived from indices
+#endif
+      float wr[K][VC];
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const float4 f = *reinterpret_cast<const float4*>(wi + j * GC);
+        wr[j][0] = f.x; wr[j][1] = f.y; wr[j][2] = f.z; wr[j][3] = f.w;
+      }
       // the row's columns in chunks of CHT behind a uniform test (a chunk wholly outside the
       // image adds nothing; one wholly inside needs no per-column test): the scheduler keeps
       // a chunk's loads near their taps, so the loads in flight fit beside the 64
