@@ -194,6 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     dw_block_v2_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
+  // channels_last train (dw_block_v2_cl.*): the same calls as the channels_last eval above
+  if (use_batch_stats && v2_enabled() && dw_block_v2_cl_train_covers(x, g.k)) {
+    dw_block_v2_cl_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
+    return {out, mean, var, preact};
+  }
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;

@@ -55,7 +55,7 @@ constexpr int CH = 4;         // input columns per chunk of the tap loop (2-byte
 static_assert(GC == THREADS_CL, "one thread per channel of the group while staging the terms");
 
 template <typename T>
-struct ClEvalArgs {
+struct ClArgs {
   const T* __restrict__ x;         // (N, H, W, C) in memory (channels_last)
   T* __restrict__ out;             // channels_last
   T* __restrict__ z;               // pre-activation store (save_preact), channels_last, nullable
@@ -73,6 +73,12 @@ struct ClEvalArgs {
   int groups;         // ceil(C / GC)
   int items;          // N * H * strips (< 2^31)
   int per_block;      // WARPS * ipw
+  // train forward (cl_train_kernel, dw_block_v2_cl_train.cuh): z is then the pre-activation
+  // store (preact, or out as scratch); per block row r = blockIdx.x / groups the partial
+  // statistics (mean, M2) of act(z) over the block's pixels, and their pixel count
+  float* __restrict__ pmean;  // (blocks / groups, C)
+  float* __restrict__ pm2;
+  float* __restrict__ pcnt;  // (blocks / groups,)
 };
 
 // 4 consecutive channels as float32 (one vector load; the launcher checks C % 4 == 0 and a
@@ -178,7 +184,7 @@ __device__ __forceinline__ void store4(T* __restrict__ p, const float v[4]) {
 
 // The epilogue of one lane for one strip: TW pixels x 4 channels.
 template <int ACT, typename T>
-__device__ __forceinline__ void cl_epilogue(const ClEvalArgs<T>& a, const float (&acc)[TW][VC], int64_t pix0,
+__device__ __forceinline__ void cl_epilogue(const ClArgs<T>& a, const float (&acc)[TW][VC], int64_t pix0,
                                             int npix, int c, const float4 b, const float4 scale,
                                             const float4 shift) {
   const float bv[VC] = {b.x, b.y, b.z, b.w};
@@ -225,8 +231,39 @@ __device__ __forceinline__ void taps_chunk(int p0, const char* q, int cb, uint32
   }
 }
 
-template <typename T, int K>
-__global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs<T> a) {
+// The group's weights, transposed to [tap][channel of the group] in shared memory: thread t
+// stages channel c0 + t (GC == THREADS_CL), its K*K contiguous weights, one load and one store
+// per tap at immediate offsets (zeros past C).
+template <int K>
+__device__ __forceinline__ void stage_weights(const float* __restrict__ wt, int C, int c0, float* sw) {
+  constexpr int KK = K * K;
+  const int cs = c0 + static_cast<int>(threadIdx.x);
+  const float* src = wt + static_cast<int64_t>(cs < C ? cs : 0) * KK;
+  const bool ok = cs < C;
+#pragma unroll 9
+  for (int t = 0; t < KK; ++t) sw[t * GC + threadIdx.x] = ok ? __ldg(src + t) : 0.0f;
+}
+
+enum ClMode : int { kClEval = 0, kClTrain = 1 };
+
+// The train forward's strip epilogue (dw_block_v2_cl_train.cuh): z stored, act(z) into acc,
+// the strip's statistics combined into the warp's running ones (sstat).
+template <int ACT, typename T>
+__device__ __forceinline__ void cl_train_epilogue(const ClArgs<T>& a, float (&acc)[TW][VC], int64_t pix0, int npix,
+                                                  int c, float4 b, float* sstat);
+
+// The train forward's partial statistics of this block (dw_block_v2_cl_train.cuh).
+template <typename T>
+__device__ __forceinline__ void cl_block_stats(const ClArgs<T>& a, const float* sstat, unsigned blk, int c0);
+
+// The strips of one warp (items blk * per_block + s * WARPS + warp, s < ipw): the taps of each
+// strip into acc (float32, the reference order), then the MODE's epilogue for the lanes whose
+// channels are in range (pix0: the strip's first pixel n * H * W + h * W + w0; npix: its pixels
+// inside the row; c: the lane's first channel). sw: the staged weights; sterm: the staged
+// per-channel terms (eval: bias, scale, shift; train: bias); sstat: train only, the warp's
+// running statistics.
+template <typename T, int K, int MODE>
+__device__ __forceinline__ void cl_body(const ClArgs<T> a) {
   constexpr int PAD = K / 2;
   constexpr int KK = K * K;
   // columns per chunk: 2 for float32 (its raw vectors are 4 registers, not 2)
@@ -238,29 +275,31 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs
   const int c0 = grp * GC;
 
   // ---- per block: the group's weights, transposed, and the per-channel terms ----
-  {
-    // thread t stages channel c0 + t (GC == THREADS_CL): its K*K contiguous weights, one
-    // load and one store per tap at immediate offsets
-    const int cs = c0 + static_cast<int>(threadIdx.x);
-    const float* src = a.wt + static_cast<int64_t>(cs < a.C ? cs : 0) * KK;
-    const bool ok = cs < a.C;
-#pragma unroll 9
-    for (int t = 0; t < KK; ++t) sw[t * GC + threadIdx.x] = ok ? __ldg(src + t) : 0.0f;
-  }
+  stage_weights<K>(a.wt, a.C, c0, sw);
   {
     const int c = c0 + static_cast<int>(threadIdx.x);
     float b = 0.0f, scale = 0.0f, shift = 0.0f;
     if (c < a.C) {
       b = a.bias != nullptr ? a.bias[c] : 0.0f;
-      const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
-      scale = inv_std(a.var[c], a.eps) * bw;
-      shift = fmaf(-a.mean[c], scale, bb);
+      if constexpr (MODE == kClEval) {
+        const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
+        scale = inv_std(a.var[c], a.eps) * bw;
+        shift = fmaf(-a.mean[c], scale, bb);
+      }
     }
     sterm[threadIdx.x] = b;
     sterm[GC + threadIdx.x] = scale;
     sterm[2 * GC + threadIdx.x] = shift;
   }
-  __syncthreads();  // the only block barrier; below, warps are independent
+  // train: the running statistics of each thread's 4 channels over its warp's strips so far
+  // (mean, M2 as two float4 per thread, then one count per thread)
+  __shared__ __align__(16) float sstat[MODE == kClTrain ? (2 * VC + 1) * THREADS_CL : 4];
+  if constexpr (MODE == kClTrain) {
+    reinterpret_cast<float4*>(sstat)[2 * threadIdx.x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<float4*>(sstat)[2 * threadIdx.x + 1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    sstat[2 * VC * THREADS_CL + threadIdx.x] = 0.0f;
+  }
+  __syncthreads();  // eval: the only block barrier; below, warps are independent
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c = c0 + lane * VC;
@@ -339,14 +378,35 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClEvalArgs
     const int npix = a.W - w0 < TW ? a.W - w0 : TW;
     // the per-channel terms, reloaded per strip (not held in registers across the taps)
     const float4 b4 = reinterpret_cast<const float4*>(sterm)[lane];
-    const float4 sc4 = reinterpret_cast<const float4*>(sterm + GC)[lane];
-    const float4 sh4 = reinterpret_cast<const float4*>(sterm + 2 * GC)[lane];
-    switch (a.act) {
-      case kGelu: cl_epilogue<kGelu, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
-      case kGeluTanh: cl_epilogue<kGeluTanh, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
-      default: cl_epilogue<kRelu, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
+    if constexpr (MODE == kClEval) {
+      const float4 sc4 = reinterpret_cast<const float4*>(sterm + GC)[lane];
+      const float4 sh4 = reinterpret_cast<const float4*>(sterm + 2 * GC)[lane];
+      switch (a.act) {
+        case kGelu: cl_epilogue<kGelu, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
+        case kGeluTanh: cl_epilogue<kGeluTanh, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
+        default: cl_epilogue<kRelu, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
+      }
+    } else {
+      switch (a.act) {
+        case kGelu: cl_train_epilogue<kGelu, T>(a, acc, pix0, npix, c, b4, sstat); break;
+        case kGeluTanh: cl_train_epilogue<kGeluTanh, T>(a, acc, pix0, npix, c, b4, sstat); break;
+        default: cl_train_epilogue<kRelu, T>(a, acc, pix0, npix, c, b4, sstat); break;
+      }
     }
   }
+  if constexpr (MODE == kClTrain) cl_block_stats(a, sstat, blk, c0);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClArgs<T> a) {
+  cl_body<T, K, kClEval>(a);
+}
+
+// The train forward's first pass (dw_block_v2_cl_train.cuh): z = round(conv(x) + b) stored,
+// the block's partial statistics of act(z) written.
+template <typename T, int K>
+__global__ void __launch_bounds__(THREADS_CL, 4) cl_train_kernel(const ClArgs<T> a) {
+  cl_body<T, K, kClTrain>(a);
 }
 
 }  // namespace
