@@ -27,19 +27,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// Strips per warp: enough blocks for about 8 per SM, at most 16 strips per warp (the block's
-// weight staging is shared by WARPS * ipw strips). Sets a.ipw, a.per_block; -> blocks.
 template <typename T>
 int64_t plan_cl(v2cl::ClArgs<T>& a, int64_t groups) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want_blocks = std::max<int64_t>(1, sms * 8);
-  const int64_t warp_items = static_cast<int64_t>(a.items) * groups;
-  a.ipw = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, warp_items / (v2cl::WARPS * want_blocks))));
-  a.per_block = v2cl::WARPS * a.ipw;
-  const int64_t blocks = (static_cast<int64_t>(a.items) + a.per_block - 1) / a.per_block * groups;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dw_block v2 channels_last (cuda): the problem needs ",
-              blocks, " thread blocks, at most 2^31 - 1 are supported");
-  return blocks;
+  return v2cl::plan_strips(a, groups, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 template <typename T, int K>

@@ -38,13 +38,15 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "dw_block_common.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
 namespace v2cl {
-namespace {  // one translation unit: only dw_block_v2_cl.cu includes this
+namespace {  // per translation unit: dw_block_v2_cl.cu and dw_block_v2_cl_backward.cu include this
 
 constexpr int WARPS = 4;  // warps per block: the same channel group, different strips
 constexpr int THREADS_CL = WARPS * 32;
@@ -79,7 +81,28 @@ struct ClArgs {
   float* __restrict__ pmean;  // (blocks / groups, C)
   float* __restrict__ pm2;
   float* __restrict__ pcnt;  // (blocks / groups,)
+  // dgrad (cl_dgrad_kernel, dw_block_v2_cl_backward.cuh): the input is dz (float32,
+  // channels_last), wt the flipped weights, out = dx = conv(dz) + dy
+  const float* __restrict__ dz;
+  const T* __restrict__ dy;
 };
+
+// Strips per warp (host): enough blocks for about 8 per SM, at most 16 strips per warp (the
+// block's weight staging is shared by WARPS * ipw strips). Sets a.ipw, a.per_block; -> blocks
+// (the partial rows of the train forward and the weight gradient are blocks / groups).
+template <typename T>
+int64_t plan_strips(ClArgs<T>& a, int64_t groups, int64_t sms) {
+  const int64_t want_blocks = sms * 8 > 1 ? sms * 8 : 1;
+  const int64_t warp_items = static_cast<int64_t>(a.items) * groups;
+  int64_t ipw = warp_items / (WARPS * want_blocks);
+  ipw = ipw < 1 ? 1 : (ipw > 16 ? 16 : ipw);
+  a.ipw = static_cast<int>(ipw);
+  a.per_block = WARPS * a.ipw;
+  const int64_t blocks = (static_cast<int64_t>(a.items) + a.per_block - 1) / a.per_block * groups;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dw_block v2 channels_last (cuda): the problem needs ",
+              blocks, " thread blocks, at most 2^31 - 1 are supported");
+  return blocks;
+}
 
 // 4 consecutive channels as float32 (one vector load; the launcher checks C % 4 == 0 and a
 // 16-byte aligned base, so the vector is aligned).
@@ -244,7 +267,7 @@ __device__ __forceinline__ void stage_weights(const float* __restrict__ wt, int 
   for (int t = 0; t < KK; ++t) sw[t * GC + threadIdx.x] = ok ? __ldg(src + t) : 0.0f;
 }
 
-enum ClMode : int { kClEval = 0, kClTrain = 1 };
+enum ClMode : int { kClEval = 0, kClTrain = 1, kClDgrad = 2 };
 
 // The train forward's strip epilogue (dw_block_v2_cl_train.cuh): z stored, act(z) into acc,
 // the strip's statistics combined into the warp's running ones (sstat).
@@ -266,8 +289,16 @@ template <typename T, int K, int MODE>
 __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
   constexpr int PAD = K / 2;
   constexpr int KK = K * K;
+  // the conv's input type: T, or float32 dz for the dgrad
+  using TI = typename std::conditional<MODE == kClDgrad, float, T>::type;
   // columns per chunk: 2 for float32 (its raw vectors are 4 registers, not 2)
-  constexpr int CHT = std::is_same<T, float>::value ? 2 : CH;
+  constexpr int CHT = std::is_same<TI, float>::value ? 2 : CH;
+  const TI* __restrict__ xin;
+  if constexpr (MODE == kClDgrad) {
+    xin = a.dz;
+  } else {
+    xin = a.x;
+  }
   __shared__ __align__(16) float sw[KK * GC];  // [tap][channel of the group]
   __shared__ __align__(16) float sterm[3 * GC];  // bias, scale, shift per channel of the group
   const int grp = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.groups));
@@ -276,7 +307,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
 
   // ---- per block: the group's weights, transposed, and the per-channel terms ----
   stage_weights<K>(a.wt, a.C, c0, sw);
-  {
+  if constexpr (MODE != kClDgrad) {
     const int c = c0 + static_cast<int>(threadIdx.x);
     float b = 0.0f, scale = 0.0f, shift = 0.0f;
     if (c < a.C) {
@@ -305,7 +336,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
   const int c = c0 + lane * VC;
   const bool cvalid = c < a.C;  // C % 4 == 0: the lane's 4 channels are all in or all out
   const float* wl = sw + lane * VC;
-  const int cb = a.C * static_cast<int>(sizeof(T));  // bytes per pixel
+  const int cb = a.C * static_cast<int>(sizeof(TI));  // bytes per pixel
 
   for (int s = 0; s < a.ipw; ++s) {
     // item = (n * H + h) * strips + strip (int32: the launcher checks N * H * strips < 2^31)
@@ -331,7 +362,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
     // kernel row and one pixel (cb bytes) per column; the row's weights at wi (sm_90: about
     // 150 instructions per strip fewer than recomputing both per row, below)
     const char* q = reinterpret_cast<const char*>(
-        a.x + (static_cast<int64_t>(prow - h + (h - PAD + ilo)) * a.W + wc0) * a.C + c);
+        xin + (static_cast<int64_t>(prow - h + (h - PAD + ilo)) * a.W + wc0) * a.C + c);
     const int64_t rb = static_cast<int64_t>(a.W) * cb;
     const float* wi = wl + ilo * K * GC;
 #pragma unroll 1
@@ -346,7 +377,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
       const float* wi = wl + i * K * GC;
       const int prow_r = prow - h + hr;  // n * H + hr
       const char* q =
-          reinterpret_cast<const char*>(a.x + (static_cast<int64_t>(prow_r) * a.W + wc0) * a.C + c);
+          reinterpret_cast<const char*>(xin + (static_cast<int64_t>(prow_r) * a.W + wc0) * a.C + c);
       asm("" : "+l"(q));  // opaque: column addresses are built from q, not re-derived from indices
 #endif
       float wr[K][VC];
@@ -365,9 +396,9 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
         const uint32_t m = (cmask >> p0) & ((1u << np) - 1u);
         if (m == (1u << np) - 1u) {
           // every column of the chunk in the image: plain loads
-          taps_chunk<T, K, CHT, false>(p0, q, cb, cmask, wr, acc);
+          taps_chunk<TI, K, CHT, false>(p0, q, cb, cmask, wr, acc);
         } else if (m) {
-          taps_chunk<T, K, CHT, true>(p0, q, cb, cmask, wr, acc);
+          taps_chunk<TI, K, CHT, true>(p0, q, cb, cmask, wr, acc);
         }
       }
     }
@@ -376,6 +407,20 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
     const int w0 = (item - prow * a.strips) * TW;
     const int64_t pix0 = static_cast<int64_t>(prow) * a.W + w0;
     const int npix = a.W - w0 < TW ? a.W - w0 : TW;
+    if constexpr (MODE == kClDgrad) {
+      // dx = conv(dz, flipped weights) + dy (the residual), rounded once
+#pragma unroll
+      for (int o = 0; o < TW; ++o) {
+        if (o >= npix) break;  // warp-uniform: past the row's end
+        const int64_t off = (pix0 + o) * a.C + c;
+        float dyv[VC];
+        load4<T>(a.dy + off, dyv);
+#pragma unroll
+        for (int v = 0; v < VC; ++v) dyv[v] += acc[o][v];
+        store4<T>(a.out + off, dyv);
+      }
+      continue;
+    }
     // the per-channel terms, reloaded per strip (not held in registers across the taps)
     const float4 b4 = reinterpret_cast<const float4*>(sterm)[lane];
     if constexpr (MODE == kClEval) {
@@ -400,6 +445,12 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
 template <typename T, int K>
 __global__ void __launch_bounds__(THREADS_CL, 4) cl_eval_kernel(const ClArgs<T> a) {
   cl_body<T, K, kClEval>(a);
+}
+
+// The backward's dgrad (dw_block_v2_cl_backward.cuh): dx = conv(dz, flipped weights) + dy.
+template <typename T, int K>
+__global__ void __launch_bounds__(THREADS_CL, 4) cl_dgrad_kernel(const ClArgs<T> a) {
+  cl_body<T, K, kClDgrad>(a);
 }
 
 // The train forward's first pass (dw_block_v2_cl_train.cuh): z = round(conv(x) + b) stored,
