@@ -551,3 +551,96 @@ def test_v2_cl_train_deterministic():
     a, b = kernel_forward(args), kernel_forward(args)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# ---- channels_last backward (cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel) ----------------
+# dw_block_backward_kernel runs the channels_last v2 backward when x, grad_out and a saved
+# pre-activation are channels_last-contiguous (not NCHW-contiguous), 16-byte aligned, C % 4 == 0
+# and k in {3, 5, 7, 9} (docs/cuda-depthwise.md, "v2 backward, channels_last"); the rest on v1.
+
+def backward_args_cl(shape, k, dtype, training, save_preact, activation="gelu", mask=(True,) * 5, affine=True):
+    """backward_args with x, grad_out and the saved pre-activation channels_last."""
+    args = list(cuda_args(shape, k, dtype, "channels_last", training, save_preact, activation))
+    if not affine:
+        args[2] = args[3] = args[4] = None
+    out, mean, var, preact = reference.forward(DW_BLOCK, *args)
+    cl = torch.channels_last
+    grad = torch.randn(out.shape).to(args[0].device, dtype).contiguous(memory_format=cl)
+    if preact.numel():
+        preact = preact.contiguous(memory_format=cl)
+    return (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation, list(mask))
+
+
+CL_BWD_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 24, 32, 32), 7), ((2, 16, 32, 32), 3),
+                 ((3, 20, 33, 24), 9), ((2, 4, 9, 6), 5), ((1, 132, 15, 13), 3), ((5, 8, 40, 8), 7),
+                 ((2, 12, 70, 36), 5), ((1, 4, 3, 5), 9), ((3, 8, 17, 31), 7), ((2, 260, 37, 45), 9)]
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", CL_BWD_SHAPES, ids=str)
+def test_v2_cl_backward_matches_reference(shape, k, dtype, training, save_preact):
+    """Every gradient against the float64 oracle (erf GELU)."""
+    got = backward_both(backward_args_cl(shape, k, dtype, training, save_preact))
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((3, 20, 33, 24), 9), ((1, 132, 15, 13), 3)], ids=str)
+def test_v2_cl_backward_activations(shape, k, dtype, training, activation):
+    backward_both(backward_args_cl(shape, k, dtype, training, True, activation))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_backward_no_bias_no_affine(dtype, training):
+    backward_both(backward_args_cl((2, 24, 32, 32), 7, dtype, training, False, affine=False))
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
+                                  [False, False, True, True, True], [True, True, False, True, False],
+                                  [False, True, False, False, False]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_output_mask(mask, training):
+    backward_both(backward_args_cl((2, 40, 32, 32), 9, torch.float32, training, True, mask=mask))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 32, 32), 9), ((1, 3, 16, 16), 5), ((2, 13, 9, 7), 3)], ids=str)
+def test_v2_cl_backward_fallback_c_not_multiple_of_4(shape, k, dtype, training):
+    """C % 4 != 0: v1's backward, still right with the switch on."""
+    backward_both(backward_args_cl(shape, k, dtype, training, True))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_cifar_shape(training):
+    backward_both(backward_args_cl((128, 256, 16, 16), 5, torch.bfloat16, training, False), oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_headline_shape(training):
+    backward_both(backward_args_cl((64, 1536, 32, 32), 9, torch.bfloat16, training, True), oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_deterministic(training):
+    """No atomics: two runs give the same bits."""
+    bargs = backward_args_cl((3, 40, 33, 32), 7, torch.bfloat16, training, True)
+    a, b = kernel_backward(bargs), kernel_backward(bargs)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_backward_agrees_with_v1(dtype, training, monkeypatch):
+    bargs = backward_args_cl((2, 24, 32, 32), 9, dtype, training, True)
+    v2 = kernel_backward(bargs)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_backward(bargs)
+    for name, a, b in zip(GRAD_NAMES, v2, v1):
+        close(name, a, b, dtype)
