@@ -91,7 +91,7 @@ __device__ __forceinline__ void elem_run(const ClElemArgs<T>& a, int64_t run, in
 }
 
 template <typename T, bool STATS, bool DZ, bool TRAIN>
-__global__ void __launch_bounds__(THREADS_CL) cl_elem_kernel(const ClElemArgs<T> a) {
+__global__ void __launch_bounds__(THREADS_CL, 4) cl_elem_kernel(const ClElemArgs<T> a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * WARPS + warp;
   if (item >= a.items) return;
