@@ -9,9 +9,9 @@ first kernels. These tests (marked ``cuda``, skipped without a GPU) opt in with 
 v2 with the reference backend at the issue's shapes and awkward ones: odd H and W (the scalar
 load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than a tile, an
 odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
-back to v1 and the default (v1 while unvalidated). The channels_last eval
-and train forwards (csrc/cuda/dw_block_v2_cl*) have their cases at the end (C % 4 == 0,
-aligned; the other channels_last calls stay on v1). A GPU run that passes all of them writes the manifest entry
+back to v1 and the default (v1 while unvalidated). The channels_last eval and train forwards
+and backward (csrc/cuda/dw_block_v2_cl*) have their cases at the end (C % 4 == 0, aligned;
+the other channels_last calls stay on v1 and are checked too). A GPU run that passes all of them writes the manifest entry
 that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
