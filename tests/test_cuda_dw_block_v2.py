@@ -172,8 +172,8 @@ def backward_both(bargs, oracle_device="cpu"):
         assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {g.shape} {g.dtype}"
         assert g.device == w.device, name
         assert_close_to_oracle(name, g, o, lowp=w)
-    if bargs[-1][0]:
-        assert got[0].is_contiguous()
+    if bargs[-1][0]:  # dx in x's output layout (NCHW, or channels_last for channels_last x)
+        assert got[0].is_contiguous(memory_format=output_memory_format(bargs[1]))
     return got
 
 
@@ -583,7 +583,8 @@ CL_BWD_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 24, 32, 32), 7
 def test_v2_cl_backward_matches_reference(shape, k, dtype, training, save_preact):
     """Every gradient against the float64 oracle (erf GELU)."""
     got = backward_both(backward_args_cl(shape, k, dtype, training, save_preact))
-    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    if shape[2] * shape[3] > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
