@@ -42,25 +42,26 @@ void launch_cl_eval(v2cl::ClArgs<T> a, int64_t groups) {
 }
 
 template <typename T, int K>
-void launch_cl_train(const v2cl::ClArgs<T>& a, int64_t groups) {
-  v2cl::cl_train_kernel<T, K><<<static_cast<unsigned>(groups * (a.items + a.per_block - 1) / a.per_block),
-                                v2cl::THREADS_CL, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+void launch_cl_train(const v2cl::ClArgs<T>& a, int64_t blocks) {
+  // blocks: plan_cl's count (rows * groups), the partial rows run_cl_train allocated
+  v2cl::cl_train_kernel<T, K>
+      <<<static_cast<unsigned>(blocks), v2cl::THREADS_CL, 0, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_cl_train_dispatch_k(int k, const v2cl::ClArgs<T>& a, int64_t groups) {
+void launch_cl_train_dispatch_k(int k, const v2cl::ClArgs<T>& a, int64_t blocks) {
 #ifdef CONVMIXER_DW_V2_ONLY_K9_BF16
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    if (k == 9) return launch_cl_train<T, 9>(a, groups);
+    if (k == 9) return launch_cl_train<T, 9>(a, blocks);
   }
   TORCH_CHECK(false, "dw_block v2 channels_last: built with CONVMIXER_DW_V2_ONLY_K9_BF16");
 #else
   switch (k) {
-    case 3: return launch_cl_train<T, 3>(a, groups);
-    case 5: return launch_cl_train<T, 5>(a, groups);
-    case 7: return launch_cl_train<T, 7>(a, groups);
-    case 9: return launch_cl_train<T, 9>(a, groups);
+    case 3: return launch_cl_train<T, 3>(a, blocks);
+    case 5: return launch_cl_train<T, 5>(a, blocks);
+    case 7: return launch_cl_train<T, 7>(a, blocks);
+    case 9: return launch_cl_train<T, 9>(a, blocks);
     default: TORCH_CHECK(false, "dw_block v2 channels_last: k = ", k, " is not covered (3, 5, 7, 9)");
   }
 #endif
@@ -134,7 +135,7 @@ void run_cl_train(const at::Tensor& x, int k, const at::Tensor& wt, const at::Te
   a.pmean = pmean.data_ptr<float>();
   a.pm2 = pm2.data_ptr<float>();
   a.pcnt = pcnt.data_ptr<float>();
-  launch_cl_train_dispatch_k<T>(k, a, groups);
+  launch_cl_train_dispatch_k<T>(k, a, blocks);
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor terms = at::empty({2, C}, fopt);  // scale, shift
