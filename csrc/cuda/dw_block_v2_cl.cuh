@@ -431,7 +431,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
         case kGeluTanh: cl_epilogue<kGeluTanh, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
         default: cl_epilogue<kRelu, T>(a, acc, pix0, npix, c, b4, sc4, sh4); break;
       }
-    } else {
+    } else if constexpr (MODE == kClTrain) {
       switch (a.act) {
         case kGelu: cl_train_epilogue<kGelu, T>(a, acc, pix0, npix, c, b4, sstat); break;
         case kGeluTanh: cl_train_epilogue<kGeluTanh, T>(a, acc, pix0, npix, c, b4, sstat); break;
