@@ -136,10 +136,10 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             for name, counts in V2_CL_KERNELS.items():
                 want = counts[1] if defines else counts[0]
                 got = sum(name in fn for fn, *_ in report)
-                assert got == want, f"sm_{arch}: expected {want} channels_last {name} instantiations, got {got}"
+                assert got == want, f"sm_{arch}: expected {want} channels_last {name} kernels, got {got}"
         if src.endswith("dw_block_v2_cl_backward.cu"):
             for name, counts in V2_CLB_KERNELS.items():
                 want = counts[1] if defines else counts[0]
                 got = sum(name in fn for fn, *_ in report)
-                assert got == want, f"sm_{arch}: expected {want} channels_last {name} instantiations, got {got}"
+                assert got == want, f"sm_{arch}: expected {want} channels_last {name} kernels, got {got}"
     assert not problems, "\n".join(problems)

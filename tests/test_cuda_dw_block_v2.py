@@ -11,7 +11,8 @@ load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than
 odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
 back to v1 and the default (v1 while unvalidated). The channels_last eval and train forwards
 and backward (csrc/cuda/dw_block_v2_cl*) have their cases at the end (C % 4 == 0, aligned;
-the other channels_last calls stay on v1 and are checked too). A GPU run that passes all of them writes the manifest entry
+the other channels_last calls stay on v1 and are checked too). A GPU run that passes all of them
+writes the manifest entry
 that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
@@ -533,7 +534,8 @@ def test_v2_cl_train_fallback_c_not_multiple_of_4(shape, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape,k", [((2, 24, 32, 32), 9), ((4, 32, 16, 16), 5), ((1, 12, 37, 33), 7)], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 24, 32, 32), 9), ((4, 32, 16, 16), 5), ((1, 12, 37, 33), 7)],
+                         ids=str)
 def test_v2_cl_train_agrees_with_v1(shape, k, dtype, monkeypatch):
     """The pre-activation is bitwise v1's; statistics and out agree within the tolerance."""
     args = cuda_args(shape, k, dtype, "channels_last", True, True)
@@ -558,7 +560,8 @@ def test_v2_cl_train_deterministic():
 # pre-activation are channels_last-contiguous (not NCHW-contiguous), 16-byte aligned, C % 4 == 0
 # and k in {3, 5, 7, 9} (docs/cuda-depthwise.md, "v2 backward, channels_last"); the rest on v1.
 
-def backward_args_cl(shape, k, dtype, training, save_preact, activation="gelu", mask=(True,) * 5, affine=True):
+def backward_args_cl(shape, k, dtype, training, save_preact, activation="gelu", mask=(True,) * 5,
+                     affine=True):
     """backward_args with x, grad_out and the saved pre-activation channels_last."""
     args = list(cuda_args(shape, k, dtype, "channels_last", training, save_preact, activation))
     if not affine:
@@ -568,7 +571,8 @@ def backward_args_cl(shape, k, dtype, training, save_preact, activation="gelu", 
     grad = torch.randn(out.shape).to(args[0].device, dtype).contiguous(memory_format=cl)
     if preact.numel():
         preact = preact.contiguous(memory_format=cl)
-    return (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation, list(mask))
+    return (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation,
+            list(mask))
 
 
 CL_BWD_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 24, 32, 32), 7), ((2, 16, 32, 32), 3),
@@ -590,7 +594,8 @@ def test_v2_cl_backward_matches_reference(shape, k, dtype, training, save_preact
 @pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((3, 20, 33, 24), 9), ((1, 132, 15, 13), 3)], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((3, 20, 33, 24), 9), ((1, 132, 15, 13), 3)],
+                         ids=str)
 def test_v2_cl_backward_activations(shape, k, dtype, training, activation):
     backward_both(backward_args_cl(shape, k, dtype, training, True, activation))
 
@@ -619,12 +624,14 @@ def test_v2_cl_backward_fallback_c_not_multiple_of_4(shape, k, dtype, training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_v2_cl_backward_cifar_shape(training):
-    backward_both(backward_args_cl((128, 256, 16, 16), 5, torch.bfloat16, training, False), oracle_device="cuda")
+    bargs = backward_args_cl((128, 256, 16, 16), 5, torch.bfloat16, training, False)
+    backward_both(bargs, oracle_device="cuda")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_v2_cl_backward_headline_shape(training):
-    backward_both(backward_args_cl((64, 1536, 32, 32), 9, torch.bfloat16, training, True), oracle_device="cuda")
+    bargs = backward_args_cl((64, 1536, 32, 32), 9, torch.bfloat16, training, True)
+    backward_both(bargs, oracle_device="cuda")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

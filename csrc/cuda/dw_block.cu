@@ -303,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   const bool use_v2 = need_conv && v2_enabled() && dw_block_v2_backward_covers(grad_out, x, preact, g.k);
   // channels_last v2 backward (dw_block_v2_cl_backward.*): channels_last x, grad_out (and a saved
   // preact), C % 4 == 0, 16-byte aligned, k in {3, 5, 7, 9}
-  const bool use_v2_cl = need_conv && !use_v2 && v2_enabled() && dw_block_v2_cl_backward_covers(grad_out, x, preact, g.k);
+  const bool use_v2_cl =
+      need_conv && !use_v2 && v2_enabled() && dw_block_v2_cl_backward_covers(grad_out, x, preact, g.k);
 
   CONVMIXER_DW_DISPATCH(x.scalar_type(), "dw_block_backward_cuda", [&] {
     // The pre-activation: the saved one, or recomputed from x.

@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_wgrad_kernel(const ClArgs<T>
     // the block's sum over its 4 warps, in warp order
 #pragma unroll
     for (int j = 0; j < K; ++j)
-      reinterpret_cast<float4*>(sred + (warp * K + j) * GC)[lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+      reinterpret_cast<float4*>(sred + (warp * K + j) * GC)[lane] =
+          make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
     __syncthreads();
     const int t = static_cast<int>(threadIdx.x);
     if (c0 + t < a.C) {
