@@ -81,8 +81,9 @@ struct ClArgs {
   float* __restrict__ pmean;  // (blocks / groups, C)
   float* __restrict__ pm2;
   float* __restrict__ pcnt;  // (blocks / groups,)
-  // dgrad (cl_dgrad_kernel, dw_block_v2_cl_backward.cuh): the input is dz (float32,
-  // channels_last), wt the flipped weights, out = dx = conv(dz) + dy
+  // dgrad (cl_dgrad_kernel, dw_block_v2_cl_backward.cuh): the input is dz (float32, blocked
+  // by channel group: (N * H, groups, W, GC), see in_offset), wt the flipped weights,
+  // out = dx = conv(dz) + dy
   const float* __restrict__ dz;
   const T* __restrict__ dy;
 };
@@ -269,6 +270,18 @@ __device__ __forceinline__ void stage_weights(const float* __restrict__ wt, int 
 
 enum ClMode : int { kClEval = 0, kClTrain = 1, kClDgrad = 2 };
 
+// The element offset of input pixel (row r = n * H + h, column w) for the lane's channels:
+// NHWC (x), or for the dgrad the group-blocked dz of the backward, (N * H, groups, W, GC)
+// (dw_block_v2_cl_backward.cuh), whose column stride GC is a compile-time constant.
+template <int MODE>
+__device__ __forceinline__ int64_t in_offset(int r, int w, int W, int C, int groups, int grp, int c, int lane) {
+  if constexpr (MODE == kClDgrad) {
+    return ((static_cast<int64_t>(r) * groups + grp) * W + w) * GC + lane * VC;
+  } else {
+    return (static_cast<int64_t>(r) * W + w) * C + c;
+  }
+}
+
 // The train forward's strip epilogue (dw_block_v2_cl_train.cuh): z stored, act(z) into acc,
 // the strip's statistics combined into the warp's running ones (sstat).
 template <int ACT, typename T>
@@ -336,7 +349,9 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
   const int c = c0 + lane * VC;
   const bool cvalid = c < a.C;  // C % 4 == 0: the lane's 4 channels are all in or all out
   const float* wl = sw + lane * VC;
-  const int cb = a.C * static_cast<int>(sizeof(TI));  // bytes per pixel
+  // bytes per input pixel: NHWC x (C channels), or the dgrad's group-blocked dz (GC channels:
+  // a compile-time column stride, so the column loads take immediate offsets)
+  const int cb = MODE == kClDgrad ? GC * static_cast<int>(sizeof(float)) : a.C * static_cast<int>(sizeof(TI));
 
   for (int s = 0; s < a.ipw; ++s) {
     // item = (n * H + h) * strips + strip (int32: the launcher checks N * H * strips < 2^31)
@@ -362,8 +377,8 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
     // kernel row and one pixel (cb bytes) per column; the row's weights at wi (sm_90: about
     // 150 instructions per strip fewer than recomputing both per row, below)
     const char* q = reinterpret_cast<const char*>(
-        xin + (static_cast<int64_t>(prow - h + (h - PAD + ilo)) * a.W + wc0) * a.C + c);
-    const int64_t rb = static_cast<int64_t>(a.W) * cb;
+        xin + in_offset<MODE>(prow - h + (h - PAD + ilo), wc0, a.W, a.C, a.groups, grp, c, lane));
+    const int64_t rb = (MODE == kClDgrad ? static_cast<int64_t>(a.groups) : int64_t{1}) * a.W * cb;
     const float* wi = wl + ilo * K * GC;
 #pragma unroll 1
     for (int i = ilo; i < ihi; ++i, q += rb, wi += K * GC) {
@@ -377,7 +392,7 @@ __device__ __forceinline__ void cl_body(const ClArgs<T> a) {
       const float* wi = wl + i * K * GC;
       const int prow_r = prow - h + hr;  // n * H + hr
       const char* q =
-          reinterpret_cast<const char*>(xin + (static_cast<int64_t>(prow_r) * a.W + wc0) * a.C + c);
+          reinterpret_cast<const char*>(xin + in_offset<MODE>(prow_r, wc0, a.W, a.C, a.groups, grp, c, lane));
       asm("" : "+l"(q));  // opaque: column addresses are built from q, not re-derived from indices
 #endif
       float wr[K][VC];

@@ -124,8 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
              dbias = at::empty({0}, x.options()), dbnw = at::empty({0}, fopt), dbnb = at::empty({0}, fopt);
-  const at::Tensor dz = at::empty(x.sizes(), fopt.memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t groups = (C + v2cl::GC - 1) / v2cl::GC;
+  // dz, float32, blocked by channel group: (N * H, groups, W, GC) (cl_elem_kernel writes it)
+  const at::Tensor dz = at::empty({N * H * groups * W * v2cl::GC}, fopt);
   const int64_t npix = N * H * W, runs = (npix + v2cl::NPB - 1) / v2cl::NPB;
   const bool need_bn = need_dbnw || need_dbnb;
 
@@ -141,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     e.eps = static_cast<float>(eps);
     e.act = act;
     e.C = static_cast<int>(C);
+    e.W = static_cast<int>(W);
     e.groups = static_cast<int>(groups);
     e.npix = npix;
     e.items = runs * groups;

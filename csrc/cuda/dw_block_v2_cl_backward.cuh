@@ -8,8 +8,9 @@
 // - cl_elem_kernel<STATS, DZ>: per warp a run of NPB pixels of one channel group; STATS: the
 //   run's sums of dy and dy * xhat (xhat = (act(z) - mean) * invstd); DZ: dz = act'(z) *
 //   (dy * bn_w - mg - xhat * mgx) * invstd (training; eval: dy * bn_w * invstd) in float32,
-//   v1's formula in v1's order, stored channels_last, and the run's sum of dz (the bias
-//   gradient). Training runs it twice (the sums first: every dz needs them); eval once.
+//   v1's formula in v1's order, stored blocked by channel group, (N * H, groups, W, 128), so
+//   that the dgrad's and the wgrad's column stride is a constant (immediate load offsets),
+//   and the run's sum of dz (the bias gradient). Training runs it twice (the sums first: every dz needs them); eval once.
 // - cl_dgrad_kernel (dw_block_v2_cl.cuh): dx = conv(dz, flipped weights) + dy.
 // - cl_wgrad_kernel: the forward's strips again; per kernel row i, each warp walks its strips
 //   with the strip's dz (16 pixels x 4 channels) in registers and the input row h + i - pad
@@ -37,7 +38,8 @@ struct ClElemArgs {
   const float* __restrict__ bnw;  // nullable
   const float* __restrict__ mg;   // training: bn_w * sum dy / count, (C,)
   const float* __restrict__ mgx;  // training: bn_w * sum dy xhat / count
-  float* __restrict__ dz;         // (N, H, W, C) float32
+  float* __restrict__ dz;         // float32, blocked by channel group: (N * H, groups, W, GC)
+  int W;
   float* __restrict__ psum;       // (runs, C): sums of dy
   float* __restrict__ pdot;       // sums of dy * xhat
   float* __restrict__ pdb;        // sums of dz (nullable)
@@ -50,7 +52,7 @@ struct ClElemArgs {
 };
 
 template <int ACT, bool STATS, bool DZ, bool TRAIN, typename T>
-__device__ __forceinline__ void elem_run(const ClElemArgs<T>& a, int64_t run, int np, int c) {
+__device__ __forceinline__ void elem_run(const ClElemArgs<T>& a, int64_t run, int np, int c, int grp, int lane) {
   float mean[VC], inv[VC], gw[VC], mg[VC], mgx[VC];
 #pragma unroll
   for (int v = 0; v < VC; ++v) {
@@ -62,6 +64,14 @@ __device__ __forceinline__ void elem_run(const ClElemArgs<T>& a, int64_t run, in
   }
   float sdy[VC] = {0.0f, 0.0f, 0.0f, 0.0f}, sdyx[VC] = {0.0f, 0.0f, 0.0f, 0.0f}, sdz[VC] = {0.0f, 0.0f, 0.0f, 0.0f};
   int64_t off = run * NPB * a.C + c;
+  // dz is stored blocked by channel group, (N * H, groups, W, GC) (the dgrad's and the wgrad's
+  // column stride is then the constant GC): the run's first pixel as (row, column), then one
+  // column per pixel, wrapping to the next row
+  const int64_t pix0 = run * NPB;
+  int64_t prow = pix0 / a.W;
+  int w = static_cast<int>(pix0 - prow * a.W);
+  int64_t doff = ((prow * a.groups + grp) * a.W + w) * GC + lane * VC;
+  const int64_t wrap = static_cast<int64_t>(a.groups - 1) * a.W * GC;  // row end -> next row, column 0
   for (int p = 0; p < np; ++p, off += a.C) {
     float zv[VC], dyv[VC], dzv[VC];
     load4<T>(a.z + off, zv);
@@ -80,7 +90,14 @@ __device__ __forceinline__ void elem_run(const ClElemArgs<T>& a, int64_t run, in
         sdz[v] += dzv[v];
       }
     }
-    if (DZ) *reinterpret_cast<float4*>(a.dz + off) = make_float4(dzv[0], dzv[1], dzv[2], dzv[3]);
+    if (DZ) {
+      *reinterpret_cast<float4*>(a.dz + doff) = make_float4(dzv[0], dzv[1], dzv[2], dzv[3]);
+      doff += GC;
+      if (++w == a.W) {
+        w = 0;
+        doff += wrap;
+      }
+    }
   }
   const int64_t row = run * a.C + c;
   if (STATS) {
@@ -96,14 +113,15 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_elem_kernel(const ClElemArgs
   const int64_t item = static_cast<int64_t>(blockIdx.x) * WARPS + warp;
   if (item >= a.items) return;
   const int64_t run = item / a.groups;
-  const int c = static_cast<int>(item - run * a.groups) * GC + lane * VC;
+  const int grp = static_cast<int>(item - run * a.groups);
+  const int c = grp * GC + lane * VC;
   if (c >= a.C) return;
   const int64_t p0 = run * NPB;
   const int np = a.npix - p0 < NPB ? static_cast<int>(a.npix - p0) : NPB;
   switch (a.act) {
-    case kGelu: elem_run<kGelu, STATS, DZ, TRAIN, T>(a, run, np, c); break;
-    case kGeluTanh: elem_run<kGeluTanh, STATS, DZ, TRAIN, T>(a, run, np, c); break;
-    default: elem_run<kRelu, STATS, DZ, TRAIN, T>(a, run, np, c); break;
+    case kGelu: elem_run<kGelu, STATS, DZ, TRAIN, T>(a, run, np, c, grp, lane); break;
+    case kGeluTanh: elem_run<kGeluTanh, STATS, DZ, TRAIN, T>(a, run, np, c, grp, lane); break;
+    default: elem_run<kRelu, STATS, DZ, TRAIN, T>(a, run, np, c, grp, lane); break;
   }
 }
 
@@ -153,11 +171,11 @@ __global__ void __launch_bounds__(THREADS_CL, 4) cl_wgrad_kernel(const ClArgs<T>
       const int npix = a.W - w0 < TW ? a.W - w0 : TW;
       // the strip's dz in registers (zeros past the row's end)
       float d[TW][VC];
-      const float* dzp = a.dz + (static_cast<int64_t>(prow) * a.W + w0) * a.C + c;
+      const float* dzp = a.dz + ((static_cast<int64_t>(prow) * a.groups + grp) * a.W + w0) * GC + lane * VC;
 #pragma unroll
       for (int o = 0; o < TW; ++o) {
         float4 f = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (o < npix) f = __ldg(reinterpret_cast<const float4*>(dzp + static_cast<int64_t>(o) * a.C));
+        if (o < npix) f = __ldg(reinterpret_cast<const float4*>(dzp + o * GC));
         d[o][0] = f.x; d[o][1] = f.y; d[o][2] = f.z; d[o][3] = f.w;
       }
       // the input row hr, columns wc0 .. wc0 + NW - 1 (zeros outside the image)
