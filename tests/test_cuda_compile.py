@@ -10,7 +10,7 @@ docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
 static estimates in docs/cuda-depthwise.md assume), and when a v2 kernel is missing from the
-cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2.5-3.5 minutes
+cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2-3.5 minutes
 on 2 cores (173 CPU-seconds of nvcc).
 """
 from __future__ import annotations
