@@ -3,13 +3,15 @@
 csrc/cuda/dw_block.cu (the first kernels), csrc/cuda/dw_block_v2.cu (the register-blocked
 eval and train forwards: eval_kernel, train_kernel, finalize_kernel, norm_kernel) and
 csrc/cuda/dw_block_v2_backward.cu (the v2 backward: bwd_kernel, stats_kernel) and
-csrc/cuda/dw_block_v2_cl.cu (the channels_last eval forward: cl_eval_kernel; all in
+csrc/cuda/dw_block_v2_cl.cu (the channels_last eval and train forwards: cl_eval_kernel,
+cl_train_kernel, cl_finalize_kernel, cl_norm_kernel) and csrc/cuda/dw_block_v2_cl_backward.cu
+(the channels_last backward: cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel, cl_colsum_kernel; all in
 docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
 static estimates in docs/cuda-depthwise.md assume), and when a v2 kernel is missing from the
-cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2-3 minutes
-on 2 cores.
+cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2-3.5 minutes
+on 2 cores (173 CPU-seconds of nvcc).
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu", "csrc/cuda/dw_block_v2_backward.cu",
-           "csrc/cuda/dw_block_v2_cl.cu"]
+           "csrc/cuda/dw_block_v2_cl.cu", "csrc/cuda/dw_block_v2_cl_backward.cu"]
 V2_MAX_REGS = 128
-V2_CAPPED = ("eval_kernel", "train_kernel", "bwd_kernel", "stats_kernel")  # held to V2_MAX_REGS
-# ("eval_kernel" also matches the channels_last cl_eval_kernel)
+V2_CAPPED = ("eval_kernel", "train_kernel", "bwd_kernel", "stats_kernel", "cl_dgrad_kernel",
+             "cl_wgrad_kernel")  # held to V2_MAX_REGS
+# (the names also match the channels_last cl_eval_kernel, cl_train_kernel, ...)
 
 
 def _nvcc():
@@ -81,6 +84,20 @@ V2_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_
     "norm_kernel": (3, 3),
     "finalize_kernel": (1, 1),
 }
+V2_CL_KERNELS = {  # channels_last (dw_block_v2_cl.cu): kernel -> (count at sm_90, sm_80 headline build)
+    "cl_eval_kernel": (12, 1),   # 3 dtypes x k 3/5/7/9; sm_80: bfloat16, k = 9
+    "cl_train_kernel": (12, 1),
+    "cl_norm_kernel": (3, 3),    # per dtype
+    "cl_finalize_kernel": (1, 1),
+}
+V2_CLB_KERNELS = {  # channels_last backward (dw_block_v2_cl_backward.cu), as V2_CL_KERNELS
+    "cl_dgrad_kernel": (12, 1),
+    "cl_wgrad_kernel": (12, 1),
+    "cl_elem_kernel": (12, 12),  # 3 dtypes x {stats, dz, both} x {train, eval} as launched: 4 per dtype
+    "cl_colsum_kernel": (1, 1),
+}
+
+
 @pytest.mark.parametrize("arch,defines", [("90", []), ("80", ["-DCONVMIXER_DW_V2_ONLY_K9_BF16"])],
                          ids=["sm90", "sm80"])
 def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
@@ -116,7 +133,13 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             assert got == want, f"expected {want} v2 backward kernels, got {got}"
             assert sum("stats_kernel" in fn for fn, *_ in report) == 6, "expected 6 v2 stats kernels"
         if src.endswith("dw_block_v2_cl.cu"):
-            want = 1 if defines else 12  # 3 dtypes x 4 k; sm_80: bfloat16, k = 9
-            got = sum("cl_eval_kernel" in fn for fn, *_ in report)
-            assert got == want, f"sm_{arch}: expected {want} channels_last cl_eval_kernel instantiations, got {got}"
+            for name, counts in V2_CL_KERNELS.items():
+                want = counts[1] if defines else counts[0]
+                got = sum(name in fn for fn, *_ in report)
+                assert got == want, f"sm_{arch}: expected {want} channels_last {name} kernels, got {got}"
+        if src.endswith("dw_block_v2_cl_backward.cu"):
+            for name, counts in V2_CLB_KERNELS.items():
+                want = counts[1] if defines else counts[0]
+                got = sum(name in fn for fn, *_ in report)
+                assert got == want, f"sm_{arch}: expected {want} channels_last {name} kernels, got {got}"
     assert not problems, "\n".join(problems)

@@ -9,9 +9,10 @@ first kernels. These tests (marked ``cuda``, skipped without a GPU) opt in with 
 v2 with the reference backend at the issue's shapes and awkward ones: odd H and W (the scalar
 load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than a tile, an
 odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
-back to v1 and the default (v1 while unvalidated). The channels_last eval forward
-(csrc/cuda/dw_block_v2_cl.*) has its cases at the end (C % 4 == 0, aligned; the other
-channels_last calls stay on v1). A GPU run that passes all of them writes the manifest entry
+back to v1 and the default (v1 while unvalidated). The channels_last eval and train forwards
+and backward (csrc/cuda/dw_block_v2_cl*) have their cases at the end (C % 4 == 0, aligned;
+the other channels_last calls stay on v1 and are checked too). A GPU run that passes all of them
+writes the manifest entry
 that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
@@ -172,8 +173,8 @@ def backward_both(bargs, oracle_device="cpu"):
         assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {g.shape} {g.dtype}"
         assert g.device == w.device, name
         assert_close_to_oracle(name, g, o, lowp=w)
-    if bargs[-1][0]:
-        assert got[0].is_contiguous()
+    if bargs[-1][0]:  # dx in x's output layout (NCHW, or channels_last for channels_last x)
+        assert got[0].is_contiguous(memory_format=output_memory_format(bargs[1]))
     return got
 
 
@@ -386,8 +387,7 @@ def test_default_is_v1_while_unvalidated(training, monkeypatch):
 # dw_block_forward_kernel runs cl_eval_kernel in eval for channels_last-contiguous x (not also
 # NCHW-contiguous) with k in {3, 5, 7, 9}, C % 4 == 0 and a 16-byte aligned data pointer, any
 # N, H, W (docs/cuda-depthwise.md, "v2 eval forward, channels_last"); other channels_last calls
-# (C % 4 != 0, a misaligned pointer, training) stay on v1 and must still be right with the
-# switch on.
+# (C % 4 != 0, a misaligned pointer) stay on v1 and must still be right with the switch on.
 
 def forward_both_cl(args):
     """The kernel op in eval against the reference (float32: against the float64 oracle with the
@@ -433,7 +433,7 @@ def test_v2_cl_headline_shape():
     forward_both_cl(cuda_args((64, 1536, 32, 32), 9, torch.bfloat16, "channels_last", False, False))
 
 
-# Channels_last calls the kernel does not cover: C % 4 != 0 (v1), and the train forward (v1).
+# Channels_last calls the kernels do not cover: C % 4 != 0 (v1).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,k", [((2, 6, 32, 32), 9), ((1, 3, 16, 16), 5), ((2, 13, 9, 7), 3),
                                      ((1, 2, 1, 1), 3)], ids=str)
@@ -454,8 +454,6 @@ def test_v2_cl_misaligned_pointer_falls_back(dtype):
     forward_both_cl(tuple(args))
 
 
-def test_v2_cl_train_stays_on_v1():
-    forward_both_cl(cuda_args((2, 16, 32, 32), 9, torch.bfloat16, "channels_last", True, True))
 
 
 def test_v2_cl_nan_propagates():
@@ -481,3 +479,176 @@ def test_v2_cl_switch_and_agreement_with_v1(shape, k, dtype, monkeypatch):
     assert torch.equal(v2[3], v1[3])
     if dtype == torch.float32:
         assert not torch.equal(v2[0], v1[0]), "v1 and v2 gave the same bits: the channels_last path did not run"
+
+
+# ---- channels_last train forward (cl_train_kernel, cl_finalize_kernel, cl_norm_kernel) -------
+# The same calls as the channels_last eval forward, in training: batch statistics from per-block
+# partials combined in a fixed order (docs/cuda-depthwise.md, "v2 train forward, channels_last").
+
+# (shape, k): 32x32 (two strips per row), 16x16, W < 16, H and W > 32 (several strips per row,
+# tall planes), odd H and W, C not a multiple of 128 (idle lanes), 1x1 planes (NCHW-contiguous
+# too: the NCHW path), N = 1.
+CL_TRAIN_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 40, 32, 32), 3), ((1, 8, 1, 1), 3),
+                   ((3, 20, 33, 24), 9), ((2, 4, 9, 6), 5), ((1, 132, 15, 13), 3), ((5, 8, 40, 8), 7),
+                   ((2, 12, 70, 36), 5), ((1, 4, 3, 5), 9), ((3, 8, 17, 31), 7), ((2, 260, 37, 45), 9)]
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", CL_TRAIN_SHAPES, ids=str)
+def test_v2_cl_train_matches_reference(shape, k, dtype, save_preact):
+    """out, the batch mean and biased variance, the saved pre-activation (erf GELU)."""
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", True, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((3, 20, 33, 24), 9),
+                                     ((1, 132, 15, 13), 3)], ids=str)
+def test_v2_cl_train_activations(shape, k, dtype, activation):
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", True, True, activation))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_no_bias_no_affine(dtype, training):
+    """bias, BN weight and BN bias absent (nullptr paths of the staging and finalize)."""
+    args = list(cuda_args((2, 24, 32, 32), 7, dtype, "channels_last", training, True))
+    args[2] = args[3] = args[4] = None
+    forward_both_cl(tuple(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_v2_cl_train_cifar_shape(dtype):
+    forward_both_cl(cuda_args((128, 256, 16, 16), 5, dtype, "channels_last", True, False))
+
+
+def test_v2_cl_train_headline_shape():
+    forward_both_cl(cuda_args((64, 1536, 32, 32), 9, torch.bfloat16, "channels_last", True, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 32, 32), 9), ((1, 3, 16, 16), 5), ((2, 13, 9, 7), 3)], ids=str)
+def test_v2_cl_train_fallback_c_not_multiple_of_4(shape, k, dtype):
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", True, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 24, 32, 32), 9), ((4, 32, 16, 16), 5), ((1, 12, 37, 33), 7)],
+                         ids=str)
+def test_v2_cl_train_agrees_with_v1(shape, k, dtype, monkeypatch):
+    """The pre-activation is bitwise v1's; statistics and out agree within the tolerance."""
+    args = cuda_args(shape, k, dtype, "channels_last", True, True)
+    v2 = kernel_forward(args)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args)
+    for name, a, b in zip(("out", "mean", "var", "preact"), v2, v1):
+        close(name, a, b, dtype)
+    assert torch.equal(v2[3], v1[3])
+
+
+def test_v2_cl_train_deterministic():
+    """No atomics: two runs give the same bits."""
+    args = cuda_args((3, 40, 33, 32), 7, torch.bfloat16, "channels_last", True, False)
+    a, b = kernel_forward(args), kernel_forward(args)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---- channels_last backward (cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel) ----------------
+# dw_block_backward_kernel runs the channels_last v2 backward when x, grad_out and a saved
+# pre-activation are channels_last-contiguous (not NCHW-contiguous), 16-byte aligned, C % 4 == 0
+# and k in {3, 5, 7, 9} (docs/cuda-depthwise.md, "v2 backward, channels_last"); the rest on v1.
+
+def backward_args_cl(shape, k, dtype, training, save_preact, activation="gelu", mask=(True,) * 5,
+                     affine=True):
+    """backward_args with x, grad_out and the saved pre-activation channels_last."""
+    args = list(cuda_args(shape, k, dtype, "channels_last", training, save_preact, activation))
+    if not affine:
+        args[2] = args[3] = args[4] = None
+    out, mean, var, preact = reference.forward(DW_BLOCK, *args)
+    cl = torch.channels_last
+    grad = torch.randn(out.shape).to(args[0].device, dtype).contiguous(memory_format=cl)
+    if preact.numel():
+        preact = preact.contiguous(memory_format=cl)
+    return (grad, args[0], args[1], args[2], args[3], mean, var, preact, training, 1e-5, activation,
+            list(mask))
+
+
+CL_BWD_SHAPES = [((2, 64, 32, 32), 9), ((4, 32, 16, 16), 5), ((2, 24, 32, 32), 7), ((2, 16, 32, 32), 3),
+                 ((3, 20, 33, 24), 9), ((2, 4, 9, 6), 5), ((1, 132, 15, 13), 3), ((5, 8, 40, 8), 7),
+                 ((2, 12, 70, 36), 5), ((1, 4, 3, 5), 9), ((3, 8, 17, 31), 7), ((2, 260, 37, 45), 9)]
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", CL_BWD_SHAPES, ids=str)
+def test_v2_cl_backward_matches_reference(shape, k, dtype, training, save_preact):
+    """Every gradient against the float64 oracle (erf GELU)."""
+    got = backward_both(backward_args_cl(shape, k, dtype, training, save_preact))
+    if shape[2] * shape[3] > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 64, 32, 32), 9), ((3, 20, 33, 24), 9), ((1, 132, 15, 13), 3)],
+                         ids=str)
+def test_v2_cl_backward_activations(shape, k, dtype, training, activation):
+    backward_both(backward_args_cl(shape, k, dtype, training, True, activation))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_backward_no_bias_no_affine(dtype, training):
+    backward_both(backward_args_cl((2, 24, 32, 32), 7, dtype, training, False, affine=False))
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
+                                  [False, False, True, True, True], [True, True, False, True, False],
+                                  [False, True, False, False, False]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_output_mask(mask, training):
+    backward_both(backward_args_cl((2, 40, 32, 32), 9, torch.float32, training, True, mask=mask))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 32, 32), 9), ((1, 3, 16, 16), 5), ((2, 13, 9, 7), 3)], ids=str)
+def test_v2_cl_backward_fallback_c_not_multiple_of_4(shape, k, dtype, training):
+    """C % 4 != 0: v1's backward, still right with the switch on."""
+    backward_both(backward_args_cl(shape, k, dtype, training, True))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_cifar_shape(training):
+    bargs = backward_args_cl((128, 256, 16, 16), 5, torch.bfloat16, training, False)
+    backward_both(bargs, oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_headline_shape(training):
+    bargs = backward_args_cl((64, 1536, 32, 32), 9, torch.bfloat16, training, True)
+    backward_both(bargs, oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_cl_backward_deterministic(training):
+    """No atomics: two runs give the same bits."""
+    bargs = backward_args_cl((3, 40, 33, 32), 7, torch.bfloat16, training, True)
+    a, b = kernel_backward(bargs), kernel_backward(bargs)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_cl_backward_agrees_with_v1(dtype, training, monkeypatch):
+    bargs = backward_args_cl((2, 24, 32, 32), 9, dtype, training, True)
+    v2 = kernel_backward(bargs)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_backward(bargs)
+    for name, a, b in zip(GRAD_NAMES, v2, v1):
+        close(name, a, b, dtype)

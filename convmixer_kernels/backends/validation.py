@@ -61,6 +61,10 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
         "csrc/cuda/dw_block_v2_cl.h",
         "csrc/cuda/dw_block_v2_cl.cu",
         "csrc/cuda/dw_block_v2_cl.cuh",
+        "csrc/cuda/dw_block_v2_cl_train.cuh",
+        "csrc/cuda/dw_block_v2_cl_backward.h",
+        "csrc/cuda/dw_block_v2_cl_backward.cu",
+        "csrc/cuda/dw_block_v2_cl_backward.cuh",
         "csrc/common/checks.h",
     ),
 }

@@ -67,6 +67,7 @@
 #include "dw_block_v2.h"
 #include "dw_block_v2_backward.h"
 #include "dw_block_v2_cl.h"
+#include "dw_block_v2_cl_backward.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -194,6 +195,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     dw_block_v2_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
+  // channels_last train (dw_block_v2_cl.*): the same calls as the channels_last eval above
+  if (use_batch_stats && v2_enabled() && dw_block_v2_cl_train_covers(x, g.k)) {
+    dw_block_v2_cl_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
+    return {out, mean, var, preact};
+  }
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;
@@ -295,6 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   // below (saved, or recomputed by conv_kernel) and replaces the elementwise, dgrad and wgrad
   // passes. BN-only masks stay on bwd_elem_kernel (one pass already).
   const bool use_v2 = need_conv && v2_enabled() && dw_block_v2_backward_covers(grad_out, x, preact, g.k);
+  // channels_last v2 backward (dw_block_v2_cl_backward.*): channels_last x, grad_out (and a saved
+  // preact), C % 4 == 0, 16-byte aligned, k in {3, 5, 7, 9}
+  const bool use_v2_cl =
+      need_conv && !use_v2 && v2_enabled() && dw_block_v2_cl_backward_covers(grad_out, x, preact, g.k);
 
   CONVMIXER_DW_DISPATCH(x.scalar_type(), "dw_block_backward_cuda", [&] {
     // The pre-activation: the saved one, or recomputed from x.
@@ -313,6 +323,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       ca.z = z.data_ptr<scalar_t>();
       ca.s_z = strides_of(z);
       launch_conv(ca);
+    }
+    if (use_v2_cl) {
+      std::tie(dx, dweight, dbias, dbnw, dbnb) =
+          dw_block_v2_cl_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act, need_dx,
+                                  need_dw, need_db, need_dbnw, need_dbnb);
+      return;
     }
     if (use_v2) {
       std::tie(dx, dweight, dbias, dbnw, dbnb) =

@@ -1,4 +1,5 @@
-// Depthwise block v2, channels_last eval forward (dw_block_v2_cl.cuh): the host entry points
+// Depthwise block v2, channels_last eval and train forwards (dw_block_v2_cl.cuh,
+// dw_block_v2_cl_train.cuh): the host entry points
 // that dw_block.cu's launcher calls, behind the same switch as the NCHW v2 kernels
 // (dw_block_v2_enabled, dw_block_v2.h). Unvalidated on a GPU until a recorded GPU run passes
 // the tests (docs/cuda-depthwise.md).
@@ -23,6 +24,19 @@ void dw_block_v2_cl_eval_forward(const at::Tensor& x, int64_t k, const at::Tenso
                                  const at::Tensor& bnw, const at::Tensor& bnb, const at::Tensor& mean,
                                  const at::Tensor& var, double eps, int act, const at::Tensor& out,
                                  const at::Tensor& z);
+
+// Whether the channels_last v2 train forward covers this call (the same set as the eval).
+bool dw_block_v2_cl_train_covers(const at::Tensor& x, int64_t k);
+
+// The train forward (batch statistics), channels_last: z = round(conv(x) + b) into z (the saved
+// pre-activation, or out as scratch, as v1), the batch mean and biased variance of act(z) into
+// mean and var (float32 (C,)), then out = x + BN(act(z)) with them. Three kernels:
+// cl_train_kernel (conv + per-block partial statistics), cl_finalize_kernel (fixed-order
+// combination in double), cl_norm_kernel. out and z channels_last-contiguous, 16-byte aligned.
+void dw_block_v2_cl_train_forward(const at::Tensor& x, int64_t k, const at::Tensor& wt, const at::Tensor& b,
+                                  const at::Tensor& bnw, const at::Tensor& bnb, double eps, int act,
+                                  const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
+                                  const at::Tensor& var);
 
 }  // namespace cuda
 }  // namespace convmixer_kernels
