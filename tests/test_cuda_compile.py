@@ -3,7 +3,9 @@
 csrc/cuda/dw_block.cu (the first kernels), csrc/cuda/dw_block_v2.cu (the register-blocked
 eval and train forwards: eval_kernel, train_kernel, finalize_kernel, norm_kernel) and
 csrc/cuda/dw_block_v2_backward.cu (the v2 backward: bwd_kernel, stats_kernel) and
-csrc/cuda/dw_block_v2_cl.cu (the channels_last eval forward: cl_eval_kernel; all in
+csrc/cuda/dw_block_v2_cl.cu (the channels_last eval forward: cl_eval_kernel) and
+csrc/cuda/dw_block_v2_generic.cu (the generic NCHW path: gen_eval_kernel, gen_train_kernel,
+gen_bwd_kernel, gen_stats_kernel, gen_norm_kernel, gen_finalize_kernel; all in
 docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
@@ -24,7 +26,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu", "csrc/cuda/dw_block_v2_backward.cu",
-           "csrc/cuda/dw_block_v2_cl.cu"]
+           "csrc/cuda/dw_block_v2_cl.cu", "csrc/cuda/dw_block_v2_generic.cu"]
 V2_MAX_REGS = 128
 V2_CAPPED = ("eval_kernel", "train_kernel", "bwd_kernel", "stats_kernel")  # held to V2_MAX_REGS
 # ("eval_kernel" also matches the channels_last cl_eval_kernel)
@@ -81,6 +83,16 @@ V2_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_
     "norm_kernel": (3, 3),
     "finalize_kernel": (1, 1),
 }
+# dw_block_v2_generic.cu: run-time k (one instantiation per dtype; sm_80: bfloat16 only)
+V2_GENERIC_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_BF16)
+    "gen_eval_kernel": (3, 1),
+    "gen_train_kernel": (3, 1),
+    "gen_bwd_kernel": (3, 1),
+    "gen_stats_kernel": (3, 1),
+    "gen_norm_kernel": (3, 1),
+    "gen_finalize_kernel": (1, 1),
+}
+
 @pytest.mark.parametrize("arch,defines", [("90", []), ("80", ["-DCONVMIXER_DW_V2_ONLY_K9_BF16"])],
                          ids=["sm90", "sm80"])
 def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
@@ -115,6 +127,11 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             got = sum("bwd_kernel" in fn for fn, *_ in report)
             assert got == want, f"expected {want} v2 backward kernels, got {got}"
             assert sum("stats_kernel" in fn for fn, *_ in report) == 6, "expected 6 v2 stats kernels"
+        if src.endswith("dw_block_v2_generic.cu"):
+            for name, counts in V2_GENERIC_KERNELS.items():
+                want = counts[1] if defines else counts[0]
+                got = sum(name in fn for fn, *_ in report)
+                assert got == want, f"sm_{arch}: expected {want} generic v2 {name} instantiations, found {got}"
         if src.endswith("dw_block_v2_cl.cu"):
             want = 1 if defines else 12  # 3 dtypes x 4 k; sm_80: bfloat16, k = 9
             got = sum("cl_eval_kernel" in fn for fn, *_ in report)

@@ -61,6 +61,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
         "csrc/cuda/dw_block_v2_cl.h",
         "csrc/cuda/dw_block_v2_cl.cu",
         "csrc/cuda/dw_block_v2_cl.cuh",
+        "csrc/cuda/dw_block_v2_generic.h",
+        "csrc/cuda/dw_block_v2_generic.cu",
+        "csrc/cuda/dw_block_v2_generic.cuh",
         "csrc/common/checks.h",
     ),
 }

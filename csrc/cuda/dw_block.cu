@@ -47,7 +47,10 @@
 // contiguous x with k in {3, 5, 7, 9}, C % 4 == 0 and a 16-byte aligned pointer. By default
 // (unvalidated) the kernels here serve every call. The v2 backward
 // (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD conv and
-// wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
+// wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda). The
+// generic v2 path (dw_block_v2_generic.{h,cu,cuh}: run-time k up to 31, column tiles for any W,
+// strided views read through their strides) takes every other call whose output is NCHW (x not
+// channels_last-contiguous), forward and backward, under the same switch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -67,6 +70,7 @@
 #include "dw_block_v2.h"
 #include "dw_block_v2_backward.h"
 #include "dw_block_v2_cl.h"
+#include "dw_block_v2_generic.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -194,6 +198,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     dw_block_v2_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
+  // Every other NCHW call (output NCHW: any strides, k odd 3..31, any W): the generic v2 path
+  // (dw_block_v2_generic.*: run-time k, column tiles with a halo, x read through its strides).
+  if (v2_enabled() && dw_block_v2_generic_covers(x, g.k)) {
+    if (use_batch_stats)
+      dw_block_v2_generic_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean,
+                                        var);
+    else
+      dw_block_v2_generic_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
+                                       save_preact ? preact : at::Tensor());
+    return {out, mean, var, preact};
+  }
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;
@@ -295,6 +310,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   // below (saved, or recomputed by conv_kernel) and replaces the elementwise, dgrad and wgrad
   // passes. BN-only masks stay on bwd_elem_kernel (one pass already).
   const bool use_v2 = need_conv && v2_enabled() && dw_block_v2_backward_covers(grad_out, x, preact, g.k);
+  // The other NCHW calls (k odd 3..31, any W, strided x / grad_out / preact): the generic v2
+  // backward (dw_block_v2_generic.*), same switch.
+  const bool use_v2_generic =
+      !use_v2 && need_conv && v2_enabled() && dw_block_v2_generic_backward_covers(grad_out, x, g.k);
 
   CONVMIXER_DW_DISPATCH(x.scalar_type(), "dw_block_backward_cuda", [&] {
     // The pre-activation: the saved one, or recomputed from x.
@@ -318,6 +337,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       std::tie(dx, dweight, dbias, dbnw, dbnb) =
           dw_block_v2_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act, need_dx,
                                need_dw, need_db, need_dbnw, need_dbnb);
+      return;
+    }
+    if (use_v2_generic) {
+      std::tie(dx, dweight, dbias, dbnw, dbnb) =
+          dw_block_v2_generic_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act,
+                                       need_dx, need_dw, need_db, need_dbnw, need_dbnb);
       return;
     }
 
