@@ -131,7 +131,7 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             for name, counts in V2_GENERIC_KERNELS.items():
                 want = counts[1] if defines else counts[0]
                 got = sum(name in fn for fn, *_ in report)
-                assert got == want, f"sm_{arch}: expected {want} generic v2 {name} instantiations, found {got}"
+                assert got == want, f"sm_{arch}: expected {want} generic {name} instantiations, found {got}"
         if src.endswith("dw_block_v2_cl.cu"):
             want = 1 if defines else 12  # 3 dtypes x 4 k; sm_80: bfloat16, k = 9
             got = sum("cl_eval_kernel" in fn for fn, *_ in report)
