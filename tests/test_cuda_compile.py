@@ -83,12 +83,13 @@ V2_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_
     "norm_kernel": (3, 3),
     "finalize_kernel": (1, 1),
 }
-# dw_block_v2_generic.cu: run-time k (one instantiation per dtype; sm_80: bfloat16 only)
+# dw_block_v2_generic.cu: run-time k (one instantiation per dtype, gen_bwd_kernel also per
+# activation; sm_80: bfloat16 only)
 V2_GENERIC_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_BF16)
     "gen_eval_kernel": (3, 1),
     "gen_train_kernel": (3, 1),
-    "gen_bwd_kernel": (3, 1),
-    "gen_stats_kernel": (3, 1),
+    "gen_bwd_kernel": (9, 3),  # x 3 activations (template constant)
+    "gen_stats_kernel": (9, 3),  # x 3 activations
     "gen_norm_kernel": (3, 1),
     "gen_finalize_kernel": (1, 1),
 }

@@ -1,12 +1,12 @@
 // Depthwise block v2, generic NCHW path: host launch of the kernels of dw_block_v2_generic.cuh
-// (design there; interface in dw_block_v2_generic.h). dw_block.cu calls it, behind the v2
-// switch, for the NCHW calls the templated v2 kernels do not cover (k > 9, W > 32, strided
-// views); docs/cuda-depthwise.md "v2 generic NCHW path".
+// and dw_block_v2_generic_backward.cuh (design there; interface in dw_block_v2_generic.h).
+// dw_block.cu calls it, behind the v2 switch, for the NCHW calls the templated v2 kernels do
+// not cover (k > 9, W > 32, strided views); docs/cuda-depthwise.md "v2 generic NCHW path".
 //
-// Instantiations: gen_eval_kernel, gen_train_kernel, gen_bwd_kernel with a run-time k
-// (KC = 0), gen_norm_kernel and gen_stats_kernel per dtype (float32, bfloat16, float16), and
-// gen_finalize_kernel. -DCONVMIXER_DW_V2_ONLY_K9_BF16 (compile checks only) keeps the bfloat16
-// ones.
+// Instantiations, per dtype (float32, bfloat16, float16): gen_eval_kernel and gen_train_kernel
+// with a run-time k (KC = 0), gen_norm_kernel, and per activation gen_bwd_kernel (KC = 0) and
+// gen_stats_kernel; gen_finalize_kernel once. -DCONVMIXER_DW_V2_ONLY_K9_BF16 (compile checks
+// only) keeps the bfloat16 ones.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -19,7 +19,7 @@
 #include <type_traits>
 
 #include "../common/checks.h"
-#include "dw_block_v2_generic.cuh"
+#include "dw_block_v2_generic_backward.cuh"  // includes dw_block_v2_generic.cuh
 #include "dw_block_v2_generic.h"
 
 namespace convmixer_kernels {
@@ -194,9 +194,17 @@ bool x_covered(const at::Tensor& x, int64_t k) {
   return x.size(1) < imax && x.size(2) < imax - 64 && x.size(3) < imax - 64;
 }
 
+// Whether the device gives a block `smem` bytes of shared memory (opt-in included): k = 31
+// needs 95 KB (forward) and 132 KB (backward) per block, more than some GPUs have; v1 runs there.
+bool smem_fits(size_t smem) {
+  return smem <= static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
 }  // namespace
 
-bool dw_block_v2_generic_covers(const at::Tensor& x, int64_t k) { return x_covered(x, k); }
+bool dw_block_v2_generic_covers(const at::Tensor& x, int64_t k) {
+  return x_covered(x, k) && smem_fits(fwd_smem(static_cast<int>(k)));
+}
 
 void dw_block_v2_generic_eval_forward(const at::Tensor& x, int64_t k, const at::Tensor& wt, const at::Tensor& b,
                                       const at::Tensor& bnw, const at::Tensor& bnb, const at::Tensor& mean,
@@ -221,7 +229,7 @@ void dw_block_v2_generic_train_forward(const at::Tensor& x, int64_t k, const at:
 }
 
 bool dw_block_v2_generic_backward_covers(const at::Tensor& grad_out, const at::Tensor& x, int64_t k) {
-  return x_covered(x, k) && grad_out.sizes() == x.sizes();
+  return x_covered(x, k) && grad_out.sizes() == x.sizes() && smem_fits(bwd_smem(static_cast<int>(k)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_v2_generic_backward(
@@ -270,7 +278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       sa.N = N;
       sa.group = group;
       sa.warps = groups * C;
-      launch_g(v2g::gen_stats_kernel<T>, sa.warps, 0, sa);
+      switch (act) {
+        case kGelu: launch_g(v2g::gen_stats_kernel<T, kGelu>, sa.warps, 0, sa); break;
+        case kGeluTanh: launch_g(v2g::gen_stats_kernel<T, kGeluTanh>, sa.warps, 0, sa); break;
+        default: launch_g(v2g::gen_stats_kernel<T, kRelu>, sa.warps, 0, sa); break;
+      }
       const at::Tensor sums = colsum_g(ps);  // (C, 2) float64
       mg = at::empty({C}, fopt);
       mgx = at::empty({C}, fopt);
@@ -318,7 +330,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     a.need_dx = need_dx;
     a.need_dw = need_dw;
     a.need_stats = !use_batch_stats && (need_dbnw || need_dbnb);
-    launch_g(v2g::gen_bwd_kernel<T, 0>, a.warps, bwd_smem(static_cast<int>(k)), a);
+    const size_t smem = bwd_smem(static_cast<int>(k));
+    switch (act) {
+      case kGelu: launch_g(v2g::gen_bwd_kernel<T, 0, kGelu>, a.warps, smem, a); break;
+      case kGeluTanh: launch_g(v2g::gen_bwd_kernel<T, 0, kGeluTanh>, a.warps, smem, a); break;
+      default: launch_g(v2g::gen_bwd_kernel<T, 0, kRelu>, a.warps, smem, a); break;
+    }
 
     const at::Tensor sums = colsum_g(part).view({C, S});
     if (need_dw) dweight = sums.narrow(1, 0, kk).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();

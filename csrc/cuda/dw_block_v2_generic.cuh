@@ -1,5 +1,6 @@
-// Depthwise block v2, generic NCHW kernels (issue 22): every NCHW call the templated v2 kernels
-// (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32, contiguous) do not take.
+// Depthwise block v2, generic NCHW kernels (issue 22), forward and the shared tile code:
+// every NCHW call the templated v2 kernels (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32,
+// contiguous) do not take. The backward kernels: dw_block_v2_generic_backward.cuh.
 //   forward:  out = x + BN(act(round(dwconv_k(x) + b)))      (eval; train: batch statistics)
 //   backward: dz, dx = dwconv(dz, flipped) + dy, dW, db, dbn_w, dbn_b   (dw_block_v2_backward.cuh)
 // Same semantics and numerics as the templated v2 kernels (and v1's formulas).
@@ -31,7 +32,6 @@
 #include <cstdint>
 
 #include "dw_block_common.cuh"
-#include "dw_block_v2_backward.cuh"  // v2b::dz_of, Chan, chan_kernel, colsum_kernel
 #include "dw_block_v2_units.cuh"
 
 namespace convmixer_kernels {
@@ -46,10 +46,13 @@ constexpr int THREADS_G = WARPS * 32;
 constexpr int R = 4;    // rows per lane
 constexpr int TR = 32;  // rows per tile (8 row groups x R)
 constexpr int TC = 32;  // columns per tile (4 column groups x 8)
+constexpr int WO = 8;   // the window row's column 0 (a margin of 8 floats before it)
 constexpr int XS = 36;  // backward: floats per lane of the own-x slots (32 used; lane stride 36)
 
 // Per-warp shared memory of a kernel size, in floats: weights (k x KP), then the window
-// (SH = TR + k - 1 rows of pitch P; window reads reach column q * 8 + KP - 4 + 11 <= KP + 31).
+// (SH = TR + k - 1 rows of pitch P = KP + 48). Window column s (0 .. TC + k - 2) of a row is at
+// float WO + s of it: staging writes whole 8-column units, columns -7 .. TC + k + 6 (inside the
+// row: no per-element range checks), and the taps' window reads reach WO + KP + 31 < P.
 struct Geo {
   int k, pad, kp, sh, pitch, wfloats;
   __host__ __device__ static Geo of(int k) {
@@ -58,7 +61,7 @@ struct Geo {
     g.pad = k / 2;
     g.kp = (k + 3) & ~3;
     g.sh = TR + k - 1;
-    g.pitch = g.kp + 36;  // >= KP + 32, and rows 4 banks apart
+    g.pitch = g.kp + 48;  // the row's columns -7 .. TC + k + 6 at WO + s, and window reads (see Geo)
     g.wfloats = g.k * g.kp + g.sh * g.pitch;
     return g;
   }
@@ -91,58 +94,80 @@ __device__ __forceinline__ void load_row8(const T* __restrict__ row, const View&
 }
 
 // Stores the warp channel's weights (C, k*k) float32 at wsw[i * KP + j] (flipped: w[k-1-i][k-1-j]),
-// zero in the padding columns.
+// zero in the padding columns: one kernel row per step, lane j its column (KP <= 32).
 template <int KC>
 __device__ __forceinline__ void stage_weights(const float* __restrict__ wt, int64_t c, const Geo& g, bool flip,
                                               float* wsw, int lane) {
   const int k = KC > 0 ? KC : g.k, kp = KC > 0 ? ((KC + 3) & ~3) : g.kp;
   const float* wc = wt + c * (static_cast<int64_t>(k) * k);
-  for (int t = lane; t < k * kp; t += 32) {
-    const int i = t / kp, j = t - i * kp;
-    float v = 0.0f;
-    if (j < k) v = flip ? __ldg(wc + (k * k - 1 - (i * k + j))) : __ldg(wc + i * k + j);
-    wsw[t] = v;
+  const int j = lane, jf = flip ? k - 1 - j : j;
+  if (j >= kp) return;
+#pragma unroll 1
+  for (int i = 0; i < k; ++i) {
+    const int ir = flip ? k - 1 - i : i;
+    wsw[i * kp + j] = j < k ? __ldg(wc + ir * k + jf) : 0.0f;
   }
 }
 
-// The taps of one lane: acc[r][cc] = sum_{i, j} wsw[i][j] * win[rg * R + r + i][q * 8 + cc + j].
+// One group of NT kernel columns j0 .. j0 + NT - 1 of window row wr for the lane's 4 output
+// rows: window columns q * 8 + j0 .. + 7 + NT - 1 (16-byte loads), the weights w[i][j0 ..] of
+// each row's kernel row i = wr - r (one 16-byte broadcast load), NT x 8 FFMAs per row.
+template <int NT, bool CHECK>
+__device__ __forceinline__ void tap_group(const float* s, const float* wsw, int kp, int k, int wr, int j0,
+                                          float (&acc)[R][8]) {
+  constexpr int NV = (8 + NT - 1 + 3) / 4;  // 16-byte window loads
+  float win[4 * NV];
+#pragma unroll
+  for (int v4 = 0; v4 < NV; ++v4) {
+    const float4 f = reinterpret_cast<const float4*>(s + j0)[v4];
+    win[4 * v4] = f.x; win[4 * v4 + 1] = f.y; win[4 * v4 + 2] = f.z; win[4 * v4 + 3] = f.w;
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = wr - r;
+    if (CHECK && (i < 0 || i >= k)) continue;  // warp-uniform
+    const float4 w4 = *reinterpret_cast<const float4*>(wsw + i * kp + j0);
+    const float wj[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj)
+#pragma unroll
+      for (int cc = 0; cc < 8; ++cc) acc[r][cc] = fmaf(win[cc + jj], wj[jj], acc[r][cc]);
+  }
+}
+
+// The taps of one lane: acc[r][cc] = sum_{i, j} wsw[i][j] * win[rg * R + r + i][q * 8 + cc + j],
+// for each window row: the groups of 4 kernel columns, then the last k % 4 (1 or 3: k is odd).
 template <int KC>
 __device__ __forceinline__ void taps(const float* wsw, const float* ws, const Geo& g, int rg, int q,
                                      float (&acc)[R][8]) {
   const int k = KC > 0 ? KC : g.k, kp = KC > 0 ? ((KC + 3) & ~3) : g.kp;
-  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 36 : g.pitch;
-  const int kfull = k & ~3, ktail = k - kfull;  // k odd: the tail holds 1 or 3 taps
+  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 48 : g.pitch;
+  const int kfull = k & ~3;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) acc[r][cc] = 0.0f;
-  const float* srow = ws + (rg * R) * pitch + q * 8;
+  const float* srow = ws + (rg * R) * pitch + WO + q * 8;
+  // Window rows R - 1 .. k - 1 feed all 4 output rows (no row checks); the first and last R - 1
+  // feed some of them (checked). Per output the kernel rows still come in increasing order.
 #pragma unroll 1
-  for (int wr = 0; wr < R + k - 1; ++wr) {
+  for (int wr = 0; wr < k + R - 1; ++wr) {  // in order: the taps' order per output is v1's
+    const bool edge = wr < R - 1 || wr >= k;
     const float* s = srow + wr * pitch;
-    // kernel rows of the lane's 4 output rows from this window row (warp-uniform)
+    if (edge) {  // warp-uniform
 #pragma unroll 1
-    for (int j0 = 0; j0 <= kfull; j0 += 4) {
-      const int nt = j0 < kfull ? 4 : ktail;
-      float win[12];
-#pragma unroll
-      for (int v4 = 0; v4 < 3; ++v4) {
-        const float4 f = reinterpret_cast<const float4*>(s + j0)[v4];
-        win[4 * v4] = f.x; win[4 * v4 + 1] = f.y; win[4 * v4 + 2] = f.z; win[4 * v4 + 3] = f.w;
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int i = wr - r;
-        if (i < 0 || i >= k) continue;
-        const float4 w4 = *reinterpret_cast<const float4*>(wsw + i * kp + j0);
-        const float wj[4] = {w4.x, w4.y, w4.z, w4.w};
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          if (jj >= nt) break;
-#pragma unroll
-          for (int cc = 0; cc < 8; ++cc) acc[r][cc] = fmaf(win[cc + jj], wj[jj], acc[r][cc]);
-        }
-      }
+      for (int j0 = 0; j0 < kfull; j0 += 4) tap_group<4, true>(s, wsw, kp, k, wr, j0, acc);
+      if ((k & 3) == 3)
+        tap_group<3, true>(s, wsw, kp, k, wr, kfull, acc);
+      else
+        tap_group<1, true>(s, wsw, kp, k, wr, kfull, acc);
+    } else {
+#pragma unroll 1
+      for (int j0 = 0; j0 < kfull; j0 += 4) tap_group<4, false>(s, wsw, kp, k, wr, j0, acc);
+      if ((k & 3) == 3)
+        tap_group<3, false>(s, wsw, kp, k, wr, kfull, acc);
+      else
+        tap_group<1, false>(s, wsw, kp, k, wr, kfull, acc);
     }
   }
 }
@@ -178,14 +203,14 @@ template <typename T, int KC>
 __device__ __forceinline__ void stage_x(const T* __restrict__ x, const View& v, int64_t xbase, int H, int W,
                                         const Geo& g, int h0, int w0, float* ws, int lane) {
   const int k = KC > 0 ? KC : g.k, pad = k / 2;
-  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 36 : g.pitch, sh = TR + k - 1, sw = TC + k - 1;
+  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 48 : g.pitch, sh = TR + k - 1;
   const int lead = (pad + 7) & ~7;  // w0 is a multiple of 32: units start at w0 - lead
-  const int uc = (TC + 2 * lead) / 8;
-  const int u = lane & 7;
+  const int uc = (TC + 2 * lead) / 8, rows_it = 32 / uc;  // units per row (6 or 8), rows per step
+  const int ro = lane / uc, u = lane - ro * uc;           // lanes ro >= rows_it idle
+  const int gc = w0 - lead + u * 8;
 #pragma unroll 1
-  for (int rr = lane >> 3; rr < sh; rr += 4) {
-    if (u >= uc) continue;
-    const int h = h0 - pad + rr, gc = w0 - lead + u * 8;
+  for (int rr = ro < rows_it ? ro : sh; rr < sh; rr += rows_it) {
+    const int h = h0 - pad + rr;
     float val[8];
     if (h >= 0 && h < H) {
       load_row8<T>(x + xbase + static_cast<int64_t>(h) * v.sh, v, gc, W, val);
@@ -193,11 +218,10 @@ __device__ __forceinline__ void stage_x(const T* __restrict__ x, const View& v, 
 #pragma unroll
       for (int cc = 0; cc < 8; ++cc) val[cc] = 0.0f;
     }
-    float* dst = ws + rr * pitch;
-    const int s0 = gc - (w0 - pad);
+    float* dst = ws + rr * pitch + WO;
+    const int s0 = gc - (w0 - pad);  // >= -7; s0 + 7 <= TC + k + 6 (inside the row's margins)
 #pragma unroll
-    for (int cc = 0; cc < 8; ++cc)
-      if (s0 + cc >= 0 && s0 + cc < sw) dst[s0 + cc] = val[cc];
+    for (int cc = 0; cc < 8; ++cc) dst[s0 + cc] = val[cc];
   }
   __syncwarp();
 }
@@ -231,7 +255,7 @@ __device__ __forceinline__ void gen_eval_epilogue(const GenFwdArgs<T>& a, const 
   for (int r = 0; r < R; ++r) {
     const int hr = h0 + rg * R + r;
     if (hr >= a.H) continue;
-    const float* sx = ws + (rg * R + r + g.pad) * g.pitch + q * 8 + g.pad;  // the residual, staged
+    const float* sx = ws + (rg * R + r + g.pad) * g.pitch + WO + q * 8 + g.pad;  // the residual, staged
     float o[8], zf[8];
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) {
@@ -472,379 +496,6 @@ __global__ void __launch_bounds__(THREADS_G) gen_norm_kernel(const GenNormArgs<T
     case kGelu: gen_norm8<kGelu, T>(a, zbase, xbase, i0, scale, shift); break;
     case kGeluTanh: gen_norm8<kGeluTanh, T>(a, zbase, xbase, i0, scale, shift); break;
     default: gen_norm8<kRelu, T>(a, zbase, xbase, i0, scale, shift); break;
-  }
-}
-
-// ---- backward ------------------------------------------------------------------------------
-// Work item of a warp: one channel c and a group of images n0 .. n1 - 1; the warp walks their
-// tiles in order (n, th, tw): per tile (1) dz of the tile's window (the tile and its halo on
-// all sides, zero outside the image) staged from dy and z (dz_of: v1's formulas), the tile's
-// sums of dz (and, in eval, of dy and dy * xhat) over its own pixels in per-lane registers;
-// (2) dgrad: the taps with the flipped kernel + dy, rounded once, stored into dx (contiguous);
-// (3) wgrad: the lane's 4 x 8 own x values (zero outside the image; kept in the lane's slot of
-// shared memory, not registers: with them in registers the kernel spilled at sm_80) times the dz window, per
-// kernel row i' and group of 4 columns j0: 4 sums over the lane's 32 pixels, a butterfly sum
-// over the warp (fixed order), added by lane 0 to the warp's accumulator of that tap in shared
-// memory (warp-private, tiles in order). After the last tile the warp writes its partial row
-// part[(g * C + c) * S + s] (S = k*k + 3: the taps in weight order, sum dz, sum dy, sum dy xhat);
-// the column sums in double over the groups in order give the gradients. No atomics.
-
-__device__ __forceinline__ int64_t opaque64(int64_t v) {
-  int64_t r;
-  asm volatile("mov.b64 %0, %1;" : "=l"(r) : "l"(v));
-  return r;
-}
-
-template <typename T>
-struct GenBwdArgs {
-  const T* __restrict__ x;
-  View vx;
-  const T* __restrict__ dy;
-  View vdy;
-  const T* __restrict__ z;
-  View vz;
-  T* __restrict__ dx;  // contiguous, nullable
-  bool dxvec;          // W % 8 == 0 and dx 16-byte aligned
-  const float* __restrict__ wt;  // (C, k*k)
-  const float* __restrict__ mean;
-  const float* __restrict__ inv;
-  const float* __restrict__ bnw;  // nullable
-  const float* __restrict__ mg;   // training
-  const float* __restrict__ mgx;
-  float* __restrict__ part;  // (groups, C, S)
-  int act;
-  int k;
-  int C, H, W;
-  int tiles_h, tiles_w;
-  int64_t N, group;  // images per group
-  int64_t warps;     // groups * C
-  bool train, need_dx, need_dw, need_stats;
-};
-
-template <int ACT, typename T, int KC>
-__device__ __forceinline__ void stage_dz_g(const GenBwdArgs<T>& a, const Geo& g, int64_t dybase, int64_t zbase,
-                                           int h0, int w0, float* ws, int lane, const v2b::Chan& ch, float& sdz,
-                                           float& sdy, float& sdyx) {
-  const int k = KC > 0 ? KC : g.k, pad = k / 2;
-  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 36 : g.pitch, sh = TR + k - 1, sw = TC + k - 1;
-  const int lead = (pad + 7) & ~7;
-  const int uc = (TC + 2 * lead) / 8;
-  const int u = lane & 7;
-#pragma unroll 1
-  for (int rr = lane >> 3; rr < sh; rr += 4) {
-    if (u >= uc) continue;
-    const int h = h0 - pad + rr, gc = w0 - lead + u * 8;
-    float* dst = ws + rr * pitch;
-    const int s0 = gc - (w0 - pad);
-    if constexpr (ACT == kGeluTanh) {
-      // element by element, no arrays: its divisions' slow paths are calls, and the 8-wide
-      // form kept too many values live across them (spills)
-      const bool hin = h >= 0 && h < a.H, own_row = h >= h0 && h < h0 + TR;
-      const T* dyr = a.dy + dybase + static_cast<int64_t>(h) * a.vdy.sh;
-      const T* zr = a.z + zbase + static_cast<int64_t>(h) * a.vz.sh;
-#pragma unroll 1
-      for (int cc = 0; cc < 8; ++cc) {
-        const int w = gc + cc;
-        if (s0 + cc < 0 || s0 + cc >= sw) continue;
-        float dv = 0.0f;
-        if (hin && w >= 0 && w < a.W) {
-          const float dyv = to_f(dyr[static_cast<int64_t>(w) * a.vdy.sw]);
-          const float zv = to_f(zr[static_cast<int64_t>(w) * a.vz.sw]);
-          float xhat = 0.0f;
-          dv = v2b::dz_of<ACT>(zv, dyv, ch, a.train, xhat);
-          if (own_row && w >= w0 && w < w0 + TC) {
-            sdz += dv;
-            sdy += dyv;
-            sdyx += dyv * xhat;
-          }
-        }
-        dst[s0 + cc] = dv;
-      }
-      continue;
-    }
-    float d[8];
-    if (h >= 0 && h < a.H) {
-      float dyv[8], zv[8];
-      load_row8<T>(a.dy + dybase + static_cast<int64_t>(h) * a.vdy.sh, a.vdy, gc, a.W, dyv);
-      load_row8<T>(a.z + zbase + static_cast<int64_t>(h) * a.vz.sh, a.vz, gc, a.W, zv);
-      const bool own_row = h >= h0 && h < h0 + TR;
-#pragma unroll
-      for (int cc = 0; cc < 8; ++cc) {
-        const int w = gc + cc;
-        const bool in = w >= 0 && w < a.W;
-        float xhat = 0.0f;
-        d[cc] = in ? v2b::dz_of<ACT>(zv[cc], dyv[cc], ch, a.train, xhat) : 0.0f;
-        if (own_row && in && w >= w0 && w < w0 + TC) {
-          sdz += d[cc];
-          sdy += dyv[cc];
-          sdyx += dyv[cc] * xhat;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int cc = 0; cc < 8; ++cc) d[cc] = 0.0f;
-    }
-#pragma unroll
-    for (int cc = 0; cc < 8; ++cc)
-      if (s0 + cc >= 0 && s0 + cc < sw) dst[s0 + cc] = d[cc];
-  }
-  __syncwarp();
-}
-
-// wgrad of one tile: wacc[i' * KP + j'] += sum over the tile's pixels of x[p] * dzwin(p + (i', j')),
-// the gradient of w[k - 1 - i'][k - 1 - j'].
-template <int KC>
-__device__ __forceinline__ void wgrad_tile(const float* ws, const Geo& g, const float* xs, int rg, int q, int lane,
-                                           float* wacc, float* red) {
-  const int k = KC > 0 ? KC : g.k, kp = KC > 0 ? ((KC + 3) & ~3) : g.kp;
-  const int pitch = KC > 0 ? ((KC + 3) & ~3) + 36 : g.pitch;
-  const float* srow = ws + (rg * R) * pitch + q * 8;
-#pragma unroll 1
-  for (int i = 0; i < k; ++i) {
-#pragma unroll 1
-    for (int j0 = 0; j0 < k; j0 += 4) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float* s = srow + (r + i) * pitch + j0;
-        float win[12], xr[8];
-#pragma unroll
-        for (int v4 = 0; v4 < 3; ++v4) {
-          const float4 f = reinterpret_cast<const float4*>(s)[v4];
-          win[4 * v4] = f.x; win[4 * v4 + 1] = f.y; win[4 * v4 + 2] = f.z; win[4 * v4 + 3] = f.w;
-        }
-#pragma unroll
-        for (int v4 = 0; v4 < 2; ++v4) {
-          const float4 f = reinterpret_cast<const float4*>(xs + r * 8)[v4];
-          xr[4 * v4] = f.x; xr[4 * v4 + 1] = f.y; xr[4 * v4 + 2] = f.z; xr[4 * v4 + 3] = f.w;
-        }
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int cc = 0; cc < 8; ++cc) acc[jj] = fmaf(xr[cc], win[cc + jj], acc[jj]);
-      }
-      // the 4 sums over the warp's 32 lanes in a fixed order, through shared memory (red: 32 x 4
-      // floats, then 8 x 4 partials of 4 lanes each): no shuffles in the loop
-      reinterpret_cast<float4*>(red)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      __syncwarp();
-      const int jj = lane & 3, part8 = lane >> 2;  // lane sums lanes part8 * 4 .. + 3 of tap jj
-      const float p4 = ((red[(part8 * 4) * 4 + jj] + red[(part8 * 4 + 1) * 4 + jj]) + red[(part8 * 4 + 2) * 4 + jj]) +
-                       red[(part8 * 4 + 3) * 4 + jj];
-      __syncwarp();
-      red[lane] = p4;  // red[part8 * 4 + jj]
-      __syncwarp();
-      if (lane < 4 && j0 + lane < k) {
-        float v = red[lane];
-#pragma unroll
-        for (int pp = 1; pp < 8; ++pp) v += red[pp * 4 + lane];
-        wacc[i * kp + j0 + lane] += v;
-      }
-      __syncwarp();
-    }
-  }
-}
-
-template <typename T, int KC>
-__global__ void __launch_bounds__(THREADS_G) gen_bwd_kernel(const GenBwdArgs<T> a) {
-  extern __shared__ float4 smem_g[];
-  const Geo g = Geo::of(KC > 0 ? KC : a.k);
-  const int k = g.k, kk = k * k, S = kk + 3;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * WARPS + warp;
-  if (item >= a.warps) return;
-  // the launcher keeps warps < 2^31: 32-bit division (a 64-bit one is a call, and values live
-  // across it spilled)
-  const int grp = static_cast<int>(item) / a.C;
-  const int c = static_cast<int>(item) - grp * a.C;
-  const int64_t n0 = static_cast<int64_t>(grp) * a.group, n1 = n0 + a.group < a.N ? n0 + a.group : a.N;
-  // per warp: flipped weights (k x KP), the wgrad accumulators (k x KP), the dz window, and
-  // each lane's 4 x 8 own x values (XS floats per lane: 16-byte reads without bank conflicts)
-  float* wsw = reinterpret_cast<float*>(smem_g) + warp * (g.wfloats + k * g.kp + 32 * XS + 8 + 128);
-  float* wacc = wsw + k * g.kp;
-  float* ws = wacc + k * g.kp;
-  float* xs = ws + g.sh * g.pitch + lane * XS;
-  stage_weights<KC>(a.wt, c, g, true, wsw, lane);
-  for (int t = lane; t < k * g.kp; t += 32) wacc[t] = 0.0f;
-  __syncwarp();
-
-  // The channel terms of dz, kept in shared memory and read at each tile's staging (in
-  // registers across the whole tile walk, with the image bases, the kernel needed 140 registers).
-  float* cs = xs - lane * XS + 32 * XS;  // 8 floats after the lanes' x slots, then 128 for wgrad sums
-  if (lane == 0) {
-    cs[0] = a.mean[c];
-    cs[1] = a.inv[c];
-    cs[2] = a.bnw != nullptr ? a.bnw[c] : 1.0f;
-    cs[3] = a.train ? a.mg[c] : 0.0f;
-    cs[4] = a.train ? a.mgx[c] : 0.0f;
-    reinterpret_cast<int*>(cs)[5] = grp;  // read back after the walk (it spilled across it)
-  }
-  __syncwarp();
-  const int rg = lane >> 2, q = lane & 3;
-  float sdz = 0.0f, sdy = 0.0f, sdyx = 0.0f;
-
-  // One flat loop over the group's tiles in order (n, th, tw): few values live across the tile
-  // (the slow paths of tanh GELU's divisions are calls; values live across them spill when
-  // they outnumber the callee-saved registers).
-  const int64_t tiles_img = static_cast<int64_t>(a.tiles_h) * a.tiles_w;
-  const int64_t t_end = (n1 - n0) * tiles_img;
-  int64_t nn = n0;
-  int th = 0, tw = 0;  // the tile (nn, th, tw), advanced at the end of each step (no division)
-#pragma unroll 1
-  for (int64_t t = 0; t < t_end; ++t) {
-    {
-      {
-        const int h0 = th * TR, w0 = tw * TC;
-        const int64_t dybase = nn * a.vdy.sn + c * a.vdy.sc, zbase = nn * a.vz.sn + c * a.vz.sc;
-        const int64_t xbase = nn * a.vx.sn + c * a.vx.sc, obase = (nn * a.C + c) * a.H * a.W;
-        v2b::Chan ch;
-        ch.mean = cs[0];
-        ch.inv = cs[1];
-        ch.gw = cs[2];
-        ch.mg = cs[3];
-        ch.mgx = cs[4];
-        switch (a.act) {
-          case kGelu:
-            stage_dz_g<kGelu, T, KC>(a, g, dybase, zbase, h0, w0, ws, lane, ch, sdz, sdy, sdyx);
-            break;
-          case kGeluTanh:
-            stage_dz_g<kGeluTanh, T, KC>(a, g, dybase, zbase, h0, w0, ws, lane, ch, sdz, sdy, sdyx);
-            break;
-          default:
-            stage_dz_g<kRelu, T, KC>(a, g, dybase, zbase, h0, w0, ws, lane, ch, sdz, sdy, sdyx);
-            break;
-        }
-        const int col0 = w0 + q * 8;
-        if (a.need_dx) {
-          float acc[R][8];
-          taps<KC>(wsw, ws, g, rg, q, acc);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int hr = h0 + rg * R + r;
-            if (hr >= a.H || col0 >= a.W) continue;
-            float dyv[8], o[8];
-            load_row8<T>(a.dy + dybase + static_cast<int64_t>(hr) * a.vdy.sh, a.vdy, col0, a.W, dyv);
-#pragma unroll
-            for (int cc = 0; cc < 8; ++cc) o[cc] = acc[r][cc] + dyv[cc];
-            const int64_t off = obase + static_cast<int64_t>(hr) * a.W + col0;
-            if (a.dxvec && col0 + 8 <= a.W) {
-              store8<T>(a.dx + off, o);
-            } else {
-#pragma unroll
-              for (int cc = 0; cc < 8; ++cc)
-                if (col0 + cc < a.W) a.dx[off + cc] = from_f<T>(o[cc]);
-            }
-          }
-        }
-        if (a.need_dw) {
-#pragma unroll
-          for (int r = 0; r < R; ++r) {  // own x values into the lane's slot (read back by it alone)
-            const int hr = h0 + rg * R + r;
-            float xv[8];
-            if (hr < a.H) {
-              load_row8<T>(a.x + xbase + static_cast<int64_t>(hr) * a.vx.sh, a.vx, col0, a.W, xv);
-            } else {
-#pragma unroll
-              for (int cc = 0; cc < 8; ++cc) xv[cc] = 0.0f;
-            }
-            reinterpret_cast<float4*>(xs + r * 8)[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
-            reinterpret_cast<float4*>(xs + r * 8)[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
-          }
-          wgrad_tile<KC>(ws, g, xs, rg, q, lane, wacc, cs + 8);
-        }
-        __syncwarp();  // the window is rewritten by the next tile
-        if (++tw == a.tiles_w) {
-          tw = 0;
-          if (++th == a.tiles_h) {
-            th = 0;
-            ++nn;
-          }
-        }
-      }
-    }
-  }
-
-  const int grp_end = reinterpret_cast<const int*>(cs)[5];
-  float* part = a.part + (static_cast<int64_t>(grp_end) * a.C + c) * S;
-  sdz = subwarp_sum<32>(sdz);
-  if (a.need_stats) {
-    sdy = subwarp_sum<32>(sdy);
-    sdyx = subwarp_sum<32>(sdyx);
-  }
-  if (lane == 0) {
-    part[kk] = sdz;
-    if (a.need_stats) {
-      part[kk + 1] = sdy;
-      part[kk + 2] = sdyx;
-    }
-  }
-  if (a.need_dw) {
-    for (int t = lane; t < kk; t += 32) {
-      const int i = t / k, j = t - i * k;  // weight tap (i, j) = accumulator (k-1-i, k-1-j)
-      part[t] = wacc[(k - 1 - i) * g.kp + (k - 1 - j)];
-    }
-  }
-}
-
-// Training: per (image group, channel) sums of dy and dy * xhat, part[(g * C + c) * 2 + s], the
-// warp walking its images' rows in order, lanes along the columns (dy, z through their strides).
-template <typename T>
-struct GenStatsArgs {
-  const T* __restrict__ dy;
-  View vdy;
-  const T* __restrict__ z;
-  View vz;
-  const float* __restrict__ mean;
-  const float* __restrict__ inv;
-  float* __restrict__ part;
-  int act;
-  int C, H, W;
-  int64_t N, group, warps;
-};
-
-template <int ACT, typename T>
-__device__ __forceinline__ void gen_stats_rows(const GenStatsArgs<T>& a, int c, int64_t n0, int64_t n1, int lane,
-                                               float mean, float inv, float& sdy, float& sdyx) {
-#pragma unroll 1
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t dybase = n * a.vdy.sn + c * a.vdy.sc, zbase = n * a.vz.sn + c * a.vz.sc;
-#pragma unroll 1
-    for (int h = 0; h < a.H; ++h) {
-      const T* dyr = a.dy + dybase + static_cast<int64_t>(h) * a.vdy.sh;
-      const T* zr = a.z + zbase + static_cast<int64_t>(h) * a.vz.sh;
-#pragma unroll 1
-      for (int w = lane; w < a.W; w += 32) {  // one element per lane: coalesced along W
-        const float dyv = to_f(dyr[static_cast<int64_t>(w) * a.vdy.sw]);
-        const float xhat = (act_fwd(to_f(zr[static_cast<int64_t>(w) * a.vz.sw]), ACT) - mean) * inv;
-        sdy += dyv;
-        sdyx += dyv * xhat;
-      }
-    }
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(THREADS_G) gen_stats_kernel(const GenStatsArgs<T> a) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * WARPS + warp;
-  if (item >= a.warps) return;
-  // the launcher keeps warps < 2^31: 32-bit division (a 64-bit one is a call, and values live
-  // across it spilled)
-  const int grp = static_cast<int>(item) / a.C;
-  const int c = static_cast<int>(item) - grp * a.C;
-  const int64_t n0 = static_cast<int64_t>(grp) * a.group, n1 = n0 + a.group < a.N ? n0 + a.group : a.N;
-  const float mean = a.mean[c], inv = a.inv[c];
-  float sdy = 0.0f, sdyx = 0.0f;
-  switch (a.act) {
-    case kGelu: gen_stats_rows<kGelu, T>(a, c, n0, n1, lane, mean, inv, sdy, sdyx); break;
-    case kGeluTanh: gen_stats_rows<kGeluTanh, T>(a, c, n0, n1, lane, mean, inv, sdy, sdyx); break;
-    default: gen_stats_rows<kRelu, T>(a, c, n0, n1, lane, mean, inv, sdy, sdyx); break;
-  }
-  sdy = subwarp_sum<32>(sdy);
-  sdyx = subwarp_sum<32>(sdyx);
-  if (lane == 0) {
-    float* out = a.part + (static_cast<int64_t>(grp) * a.C + c) * 2;
-    out[0] = sdy;
-    out[1] = sdyx;
   }
 }
 

@@ -14,7 +14,8 @@ namespace cuda {
 
 // Whether the generic v2 forward (eval and train) covers this call: x 4-D, nonempty, float32 /
 // bfloat16 / float16, k odd in 3..31, and x's output layout NCHW (checks.h output_format: x is
-// not channels_last-contiguous; any strides otherwise), C, H, W < 2^31.
+// not channels_last-contiguous; any strides otherwise), C, H, W < 2^31, and the device has the
+// shared memory the kernel size needs (k >= 19 uses the opt-in above 48 KB per block).
 bool dw_block_v2_generic_covers(const at::Tensor& x, int64_t k);
 
 // The eval forward, as dw_block_v2_eval_forward (dw_block_v2.h), for any x covered above:
@@ -32,8 +33,8 @@ void dw_block_v2_generic_train_forward(const at::Tensor& x, int64_t k, const at:
                                        const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
                                        const at::Tensor& var);
 
-// Whether the generic v2 backward covers this call: x as dw_block_v2_generic_covers; grad_out
-// and preact any strides (read through them).
+// Whether the generic v2 backward covers this call: x as dw_block_v2_generic_covers (with the
+// backward's shared memory); grad_out and preact any strides (read through them).
 bool dw_block_v2_generic_backward_covers(const at::Tensor& grad_out, const at::Tensor& x, int64_t k);
 
 // The backward, as dw_block_v2_backward (dw_block_v2_backward.h): z the pre-activation (saved or
