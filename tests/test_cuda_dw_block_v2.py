@@ -508,9 +508,9 @@ def strided_view(t, kind):
     if kind == "w_step2":  # every other column of a wider tensor
         base = torch.empty(n, c, h, 2 * w, device=t.device, dtype=t.dtype).normal_()
         v = base[..., ::2]
-    elif kind == "channel_slice":  # channels 3 .. 3 + C of a wider tensor (plane-contiguous)
-        base = torch.empty(n, c + 5, h, w, device=t.device, dtype=t.dtype).normal_()
-        v = base[:, 3:3 + c]
+    elif kind == "channel_slice":  # every other channel from 1 of a wider tensor (planes contiguous)
+        base = torch.empty(n, 2 * c + 1, h, w, device=t.device, dtype=t.dtype).normal_()
+        v = base[:, 1::2]
     elif kind == "transposed":  # H and W swapped in memory (unit stride along H)
         v = torch.empty(n, c, w, h, device=t.device, dtype=t.dtype).transpose(2, 3)
     elif kind == "row_padded":  # rows of pitch W + 3 (unit stride along W, unaligned rows)
