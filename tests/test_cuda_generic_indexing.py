@@ -120,7 +120,8 @@ def conv(x, wt, flip=False):
                         hr = h0 + RG * R + r
                         wc = w0 + Q[:, None] * 8 + CC[None, :]
                         ok = (hr[:, None] < H) & (wc < W)
-                        sx = (RG * R + r + g["pad"])[:, None] * g["pitch"] + WO + Q[:, None] * 8 + g["pad"] + CC
+                        row = (RG * R + r + g["pad"])[:, None] * g["pitch"]
+                        sx = row + WO + Q[:, None] * 8 + g["pad"] + CC
                         assert torch.equal(ws[sx][ok], x[n, c][hr[:, None].expand(-1, 8)[ok], wc[ok]])
     return out
 
