@@ -15,12 +15,14 @@
 // padded to KP = k rounded up to 4 columns.
 // Staging: units of 8 columns aligned in the image (one 16-byte load for 2-byte types, two for
 // float32, when the view allows it: unit stride along W, 8-element aligned rows and a 16-byte
-// aligned pointer; otherwise 8 element loads through the strides, int64 offsets), converted once;
-// each element stored at its window column (scalar shared stores).
+// aligned pointer; otherwise 8 element loads through the strides, int64 offsets; a unit wholly
+// outside the image is zero without loads), converted once; lanes over (row, unit) pairs; each
+// unit stored whole at its window columns (the row's margins take the columns outside the window).
 // Taps: for each window row wr and each group of 4 kernel columns j0: 12 window floats (three
 // 16-byte shared loads at a 16-byte aligned column: window column of output column o and tap j
 // is o + j) feed the 4 taps of every output row r with kernel row i = wr - r (one 16-byte
 // broadcast load of w[i][j0 .. j0 + 3]): 4 x 8 FFMAs per row. The last group holds k % 4 taps.
+// Window rows 3 .. k - 1 feed all 4 output rows (no checks of i), the others are checked.
 // Per output the taps are summed in the reference order (kernel row, then column, fmaf from 0),
 // as v1's conv_kernel and the templated v2 kernels: the pre-activation is bitwise theirs.
 // Offsets: int64 everywhere a plane base, a stride product or an output offset is formed.
@@ -52,7 +54,7 @@ constexpr int XS = 36;  // backward: floats per lane of the own-x slots (32 used
 // Per-warp shared memory of a kernel size, in floats: weights (k x KP), then the window
 // (SH = TR + k - 1 rows of pitch P = KP + 48). Window column s (0 .. TC + k - 2) of a row is at
 // float WO + s of it: staging writes whole 8-column units, columns -7 .. TC + k + 6 (inside the
-// row: no per-element range checks), and the taps' window reads reach WO + KP + 31 < P.
+// row: no per-element range checks), and the taps' window reads end before float KP + 40 < P.
 struct Geo {
   int k, pad, kp, sh, pitch, wfloats;
   __host__ __device__ static Geo of(int k) {
