@@ -146,11 +146,29 @@ void run_gen_train(const at::Tensor& x, int k, const at::Tensor& wt, const at::T
   launch_g(v2g::gen_norm_kernel<T>, na.items, 0, na);
 }
 
-// Images per backward work item: about 32 warps per SM in all (C x groups), at least 1 image.
-int64_t bwd_group(int64_t N, int64_t C) {
+// Images per backward work item. A warp walks its group's images, so an item lasts about
+// `group` images and the items run in waves of `res` resident warps (the kernel's occupancy at
+// this shared memory): choose the group count G minimising waves x images per item,
+// ceil(C * G / res) * ceil(N / G), the smaller G on ties (fewer partial rows).
+template <typename A>
+int64_t bwd_group(int64_t N, int64_t C, void (*kernel)(const A), size_t smem) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(N, cdiv_g(32 * sms, C)));
-  return cdiv_g(N, groups);
+  if (smem > 48 * 1024)  // the occupancy query counts the opt-in only once it is set
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, v2g::THREADS_G, smem));
+  const int64_t res = std::max<int64_t>(1, per_sm) * sms * v2g::WARPS;
+  const int64_t gmax = std::min<int64_t>({N, cdiv_g(8 * res, C), 4096});  // past 8 waves: no gain
+  int64_t best_per = N, best_t = std::numeric_limits<int64_t>::max();
+  for (int64_t g = 1; g <= gmax; ++g) {
+    const int64_t per = cdiv_g(N, g), groups = cdiv_g(N, per);
+    const int64_t t = cdiv_g(C * groups, res) * per;
+    if (t < best_t) {
+      best_t = t;
+      best_per = per;
+    }
+  }
+  return best_per;
 }
 
 // Column sums of a (rows, ...) float32 tensor in double, rows in order (v2b::colsum_kernel).
@@ -242,9 +260,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   TORCH_CHECK(need_dx || need_dw || need_db, "dw_block v2 generic backward: no convolution gradient asked for");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t kk = k * k, S = kk + 3;
-  const int64_t group = bwd_group(N, C), groups = cdiv_g(N, group);
-  TORCH_CHECK(groups * C < std::numeric_limits<int32_t>::max(), "dw_block v2 generic backward: C = ", C,
-              " is too large (groups x C must stay below 2^31)");
   const double count = static_cast<double>(N * H * W);
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
@@ -261,6 +276,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
 
   CONVMIXER_DW_V2G_DISPATCH(x.scalar_type(), "dw_block_v2_generic_backward", [&] {
     using T = scalar_t;
+    const size_t smem = bwd_smem(static_cast<int>(k));
+    auto* bwd = act == kGelu ? v2g::gen_bwd_kernel<T, 0, kGelu>
+                : act == kGeluTanh ? v2g::gen_bwd_kernel<T, 0, kGeluTanh> : v2g::gen_bwd_kernel<T, 0, kRelu>;
+    const int64_t group = bwd_group(N, C, bwd, smem), groups = cdiv_g(N, group);
+    TORCH_CHECK(groups * C < std::numeric_limits<int32_t>::max(), "dw_block v2 generic backward: C = ", C,
+                " is too large (groups x C must stay below 2^31)");
     if (use_batch_stats) {
       at::Tensor ps = at::empty({groups, C, 2}, fopt);
       v2g::GenStatsArgs<T> sa{};
@@ -330,12 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     a.need_dx = need_dx;
     a.need_dw = need_dw;
     a.need_stats = !use_batch_stats && (need_dbnw || need_dbnb);
-    const size_t smem = bwd_smem(static_cast<int>(k));
-    switch (act) {
-      case kGelu: launch_g(v2g::gen_bwd_kernel<T, 0, kGelu>, a.warps, smem, a); break;
-      case kGeluTanh: launch_g(v2g::gen_bwd_kernel<T, 0, kGeluTanh>, a.warps, smem, a); break;
-      default: launch_g(v2g::gen_bwd_kernel<T, 0, kRelu>, a.warps, smem, a); break;
-    }
+    launch_g(bwd, a.warps, smem, a);
 
     const at::Tensor sums = colsum_g(part).view({C, S});
     if (need_dw) dweight = sums.narrow(1, 0, kk).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
