@@ -4,14 +4,16 @@ csrc/cuda/dw_block.cu (the first kernels), csrc/cuda/dw_block_v2.cu (the registe
 eval and train forwards: eval_kernel, train_kernel, finalize_kernel, norm_kernel) and
 csrc/cuda/dw_block_v2_backward.cu (the v2 backward: bwd_kernel, stats_kernel) and
 csrc/cuda/dw_block_v2_cl.cu (the channels_last eval and train forwards: cl_eval_kernel,
-cl_train_kernel, cl_finalize_kernel, cl_norm_kernel) and csrc/cuda/dw_block_v2_cl_backward.cu
-(the channels_last backward: cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel, cl_colsum_kernel; all in
+cl_train_kernel, cl_finalize_kernel, cl_norm_kernel), csrc/cuda/dw_block_v2_cl_backward.cu
+(the channels_last backward: cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel, cl_colsum_kernel)
+and csrc/cuda/dw_block_v2_generic.cu (the generic NCHW path: gen_eval_kernel, gen_train_kernel,
+gen_bwd_kernel, gen_stats_kernel, gen_norm_kernel, gen_finalize_kernel; all in
 docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
 static estimates in docs/cuda-depthwise.md assume), and when a v2 kernel is missing from the
-cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2-3.5 minutes
-on 2 cores (173 CPU-seconds of nvcc).
+cubin. Skipped only where nvcc is absent. The files compile in parallel; about 2-4 minutes
+on 2 cores (about 205 CPU-seconds of nvcc).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["csrc/cuda/dw_block.cu", "csrc/cuda/dw_block_v2.cu", "csrc/cuda/dw_block_v2_backward.cu",
-           "csrc/cuda/dw_block_v2_cl.cu", "csrc/cuda/dw_block_v2_cl_backward.cu"]
+           "csrc/cuda/dw_block_v2_cl.cu", "csrc/cuda/dw_block_v2_cl_backward.cu",
+           "csrc/cuda/dw_block_v2_generic.cu"]
 V2_MAX_REGS = 128
 V2_CAPPED = ("eval_kernel", "train_kernel", "bwd_kernel", "stats_kernel", "cl_dgrad_kernel",
              "cl_wgrad_kernel")  # held to V2_MAX_REGS
@@ -96,6 +99,16 @@ V2_CLB_KERNELS = {  # channels_last backward (dw_block_v2_cl_backward.cu), as V2
     "cl_elem_kernel": (12, 12),  # 3 dtypes x {stats, dz, both} x {train, eval} as launched: 4 per dtype
     "cl_colsum_kernel": (1, 1),
 }
+# dw_block_v2_generic.cu: run-time k (one instantiation per dtype, gen_bwd_kernel also per
+# activation; sm_80: bfloat16 only)
+V2_GENERIC_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_BF16)
+    "gen_eval_kernel": (3, 1),
+    "gen_train_kernel": (3, 1),
+    "gen_bwd_kernel": (9, 3),  # x 3 activations (template constant)
+    "gen_stats_kernel": (9, 3),  # x 3 activations
+    "gen_norm_kernel": (3, 1),
+    "gen_finalize_kernel": (1, 1),
+}
 
 
 @pytest.mark.parametrize("arch,defines", [("90", []), ("80", ["-DCONVMIXER_DW_V2_ONLY_K9_BF16"])],
@@ -132,6 +145,11 @@ def test_cuda_kernels_compile_without_spills(arch, defines, tmp_path):
             got = sum("bwd_kernel" in fn for fn, *_ in report)
             assert got == want, f"expected {want} v2 backward kernels, got {got}"
             assert sum("stats_kernel" in fn for fn, *_ in report) == 6, "expected 6 v2 stats kernels"
+        if src.endswith("dw_block_v2_generic.cu"):
+            for name, counts in V2_GENERIC_KERNELS.items():
+                want = counts[1] if defines else counts[0]
+                got = sum(name in fn for fn, *_ in report)
+                assert got == want, f"sm_{arch}: expected {want} generic {name} instantiations, found {got}"
         if src.endswith("dw_block_v2_cl.cu"):
             for name, counts in V2_CL_KERNELS.items():
                 want = counts[1] if defines else counts[0]

@@ -2,18 +2,20 @@
 forward (conv + per-tile statistics, finalize, normalise; csrc/cuda/dw_block_v2.*) and the
 backward (csrc/cuda/dw_block_v2_backward.*, the cases under "v2 backward").
 
-The cuda backend runs v2 for NCHW-contiguous inputs with k in {3, 5, 7, 9} and W <= 32
-(docs/cuda-depthwise.md) only where v2 is enabled: its source validated by the manifest
+The cuda backend runs the templated v2 kernels for NCHW-contiguous inputs with k in {3, 5, 7,
+9} and W <= 32, and the generic v2 kernels for every other NCHW call (docs/cuda-depthwise.md),
+only where v2 is enabled: its source validated by the manifest
 (convmixer_kernels/backends/validation.py) or CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 keeps the
 first kernels. These tests (marked ``cuda``, skipped without a GPU) opt in with =1 and compare
 v2 with the reference backend at the issue's shapes and awkward ones: odd H and W (the scalar
 load/store path), 1x1 planes, C not a multiple of anything, N = 1, H taller than a tile, an
 odd plane count on the two-planes-per-warp tile, a misaligned data pointer, NaN, the switch
 back to v1 and the default (v1 while unvalidated). The channels_last eval and train forwards
-and backward (csrc/cuda/dw_block_v2_cl*) have their cases at the end (C % 4 == 0, aligned;
-the other channels_last calls stay on v1 and are checked too). A GPU run that passes all of them
-writes the manifest entry
-that validates v2 (scripts/gpu_check.sh).
+and backward (csrc/cuda/dw_block_v2_cl*) have their cases after them (C % 4 == 0, aligned;
+the other channels_last calls stay on v1 and are checked too), and the generic NCHW path
+(csrc/cuda/dw_block_v2_generic.*: every other NCHW call, i.e. k in 11..31, W > 32 and
+strided views, eval, train and backward) at the end. A GPU run that passes all of them
+writes the manifest entry that validates v2 (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -652,3 +654,211 @@ def test_v2_cl_backward_agrees_with_v1(dtype, training, monkeypatch):
     v1 = kernel_backward(bargs)
     for name, a, b in zip(GRAD_NAMES, v2, v1):
         close(name, a, b, dtype)
+
+
+# ---- generic NCHW path (csrc/cuda/dw_block_v2_generic.*) ------------------------------------
+# Every NCHW call the templated kernels above do not take runs the generic v2 kernels when v2 is
+# enabled (docs/cuda-depthwise.md, "v2 generic NCHW path"): k odd in 3..31 at run time (11, 13,
+# 15, 31 here), W > 32 (column tiles of 32 with a halo: 33, 40, 64, 100), H > 32 (row tiles),
+# and strided views of x, grad_out and preact (read through their strides, no copy), in eval,
+# train and backward, float32 / bfloat16 / float16, with and without bias / BN affine.
+
+# (shape, k): generic k on 32x32 and small planes (k wider than the plane), even W > 32 (the
+# 16-byte path: 40, 64) and odd ones (33, 100 is even but 100 % 8 != 0: element path), H > 32,
+# tiles partly outside the image on both axes.
+GEN_SHAPES = [((2, 8, 32, 32), 11), ((2, 6, 20, 24), 15), ((1, 4, 40, 33), 31), ((2, 16, 64, 64), 7),
+              ((2, 5, 33, 40), 9), ((1, 3, 70, 100), 5), ((3, 4, 13, 33), 3), ((1, 2, 7, 5), 31),
+              ((2, 3, 45, 64), 13)]
+GEN_SMALL = [((2, 6, 20, 24), 15), ((2, 5, 33, 40), 9), ((1, 2, 7, 5), 31), ((3, 4, 13, 33), 3)]
+
+
+def strided_view(t, kind):
+    """The same values as ``t`` (N, C, H, W) in a non-contiguous, non-channels_last view."""
+    n, c, h, w = t.shape
+    if kind == "w_step2":  # every other column of a wider tensor
+        base = torch.empty(n, c, h, 2 * w, device=t.device, dtype=t.dtype).normal_()
+        v = base[..., ::2]
+    elif kind == "channel_slice":  # every other channel from 1 of a wider tensor (planes contiguous)
+        base = torch.empty(n, 2 * c + 1, h, w, device=t.device, dtype=t.dtype).normal_()
+        v = base[:, 1::2]
+    elif kind == "transposed":  # H and W swapped in memory (unit stride along H)
+        v = torch.empty(n, c, w, h, device=t.device, dtype=t.dtype).transpose(2, 3)
+    elif kind == "row_padded":  # rows of pitch W + 3 (unit stride along W, unaligned rows)
+        base = torch.empty(n, c, h, w + 3, device=t.device, dtype=t.dtype).normal_()
+        v = base[..., :w]
+    else:
+        raise ValueError(kind)
+    v.copy_(t)
+    assert not v.is_contiguous() and not v.is_contiguous(memory_format=torch.channels_last)
+    return v
+
+
+def without_affine(args):
+    """No conv bias, no BN weight and bias (affine=False)."""
+    args = list(args)
+    args[2] = args[3] = args[4] = None
+    return tuple(args)
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_SHAPES, ids=str)
+def test_v2_generic_eval_matches_reference(shape, k, dtype, save_preact):
+    forward_both(cuda_args(shape, k, dtype, "nchw", False, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_SHAPES, ids=str)
+def test_v2_generic_train_matches_reference(shape, k, dtype, save_preact):
+    forward_both(cuda_args(shape, k, dtype, "nchw", True, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_SMALL, ids=str)
+def test_v2_generic_forward_activations(shape, k, dtype, activation, training):
+    forward_both(cuda_args(shape, k, dtype, "nchw", training, True, activation))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 20, 24), 15), ((2, 5, 33, 40), 9), ((2, 4, 32, 32), 7)], ids=str)
+def test_v2_generic_forward_without_affine(shape, k, dtype, training):
+    forward_both(without_affine(cuda_args(shape, k, dtype, "nchw", training, True)))
+
+
+STRIDED_KINDS = ["w_step2", "channel_slice", "transposed", "row_padded"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", STRIDED_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 8, 32, 32), 9), ((2, 5, 24, 40), 7), ((1, 3, 17, 13), 11)], ids=str)
+def test_v2_generic_strided_forward(shape, k, dtype, kind, training):
+    """Strided x (k = 9, W = 32 would take the templated kernel if x were contiguous)."""
+    args = list(cuda_args(shape, k, dtype, "nchw", training, True))
+    args[0] = strided_view(args[0], kind)
+    forward_both(tuple(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_generic_conftest_strided_layout(dtype):
+    """conftest's own 'strided' layout (x[..., 1::2] of an odd-width tensor), eval and train."""
+    for training in (False, True):
+        forward_both(cuda_args((2, 6, 20, 36), 7, dtype, "strided", training, True))
+
+
+def test_v2_generic_headline_like_shape():
+    """bf16, N=8, C=768, 64x64, k=7 (column tiles, the 16-byte path), eval and train."""
+    for training in (False, True):
+        forward_both(cuda_args((8, 768, 64, 64), 7, torch.bfloat16, "nchw", training, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 20, 24), 15), ((2, 5, 33, 40), 9), ((1, 4, 40, 33), 31)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_generic_agrees_with_v1(shape, k, dtype, training, monkeypatch):
+    """=0 runs v1 on the same call: outputs agree within the tolerance, the saved pre-activation
+    is bitwise v1's (same tap order and rounding), and in float32 the switch changes the bits of
+    out (BN as one FFMA here): the generic path ran."""
+    args = cuda_args(shape, k, dtype, "nchw", training, True)
+    monkeypatch.setenv(SWITCH, "1")
+    v2 = kernel_forward(args)
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_forward(args)
+    for name, a, b in zip(("out", "mean", "var", "preact"), v2, v1):
+        close(name, a, b, dtype)
+    assert torch.equal(v2[3], v1[3])
+    if dtype == torch.float32:
+        assert not torch.equal(v2[0], v1[0]), "v1 and v2 gave the same bits: the generic path did not run"
+
+
+def test_v2_generic_train_deterministic():
+    args = cuda_args((3, 8, 40, 72), 11, torch.bfloat16, "nchw", True, False)
+    a, b = kernel_forward(args), kernel_forward(args)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_SMALL + [((2, 8, 32, 32), 11), ((1, 3, 70, 100), 5)], ids=str)
+def test_v2_generic_backward_matches_reference(shape, k, dtype, training, save_preact, monkeypatch):
+    """Every gradient, erf GELU (the staging's 8-wide dz path)."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args(shape, k, dtype, training, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 20, 24), 15), ((1, 3, 70, 100), 5)], ids=str)
+def test_v2_generic_backward_activations(shape, k, dtype, training, activation, monkeypatch):
+    """tanh GELU (its staging goes element by element) and ReLU."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args(shape, k, dtype, training, True, activation))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", STRIDED_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 8, 32, 32), 9), ((1, 3, 17, 45), 11)], ids=str)
+def test_v2_generic_strided_backward(shape, k, dtype, kind, training, monkeypatch):
+    """Strided x, grad_out and saved preact (each a different kind of view)."""
+    monkeypatch.setenv(SWITCH, "1")
+    bargs = list(backward_args(shape, k, dtype, training, True))
+    kinds = STRIDED_KINDS[STRIDED_KINDS.index(kind):] + STRIDED_KINDS[:STRIDED_KINDS.index(kind)]
+    for i, kd in zip((1, 0, 7), kinds):
+        bargs[i] = strided_view(bargs[i], kd)
+    backward_both(tuple(bargs))
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
+                                  [True, True, False, True, False], [False, True, False, False, False]],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_generic_backward_output_mask(mask, training, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args((2, 5, 33, 40), 11, torch.float32, training, True, mask=mask))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_generic_backward_no_bn_weight(training, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    mask = (True, True, True, False, True)
+    bargs = list(backward_args((2, 6, 20, 40), 13, torch.float32, training, True, mask=mask))
+    bargs[4] = None
+    backward_both(tuple(bargs))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_generic_backward_headline_like_shape(training, monkeypatch):
+    """bf16, N=8, C=768, 64x64, k=7 (the float64 oracle on the GPU)."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args((8, 768, 64, 64), 7, torch.bfloat16, training, True), oracle_device="cuda")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_v2_generic_backward_deterministic_and_agrees_with_v1(training, monkeypatch):
+    """No atomics: two runs give the same bits; v1 (=0) agrees within the tolerance."""
+    bargs = backward_args((3, 12, 40, 72), 15, torch.float32, training, True)
+    monkeypatch.setenv(SWITCH, "1")
+    first = kernel_backward(bargs)
+    again = kernel_backward(bargs)
+    for name, a, b in zip(GRAD_NAMES, first, again):
+        assert torch.equal(a, b), name
+    monkeypatch.setenv(SWITCH, "0")
+    v1 = kernel_backward(bargs)
+    for name, a, b in zip(GRAD_NAMES, first, v1):
+        close(name, a, b, torch.float32)
+
+
+def test_v2_generic_nan_propagates(monkeypatch):
+    args = list(cuda_args((2, 4, 20, 40), 11, torch.float32, "nchw", False, True, "relu"))
+    args[0] = args[0].clone()
+    args[0][0, 3, 9, 20] = float("nan")
+    forward_both(tuple(args))

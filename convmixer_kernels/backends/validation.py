@@ -65,6 +65,10 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
         "csrc/cuda/dw_block_v2_cl_backward.h",
         "csrc/cuda/dw_block_v2_cl_backward.cu",
         "csrc/cuda/dw_block_v2_cl_backward.cuh",
+        "csrc/cuda/dw_block_v2_generic.h",
+        "csrc/cuda/dw_block_v2_generic.cu",
+        "csrc/cuda/dw_block_v2_generic.cuh",
+        "csrc/cuda/dw_block_v2_generic_backward.cuh",
         "csrc/common/checks.h",
     ),
 }

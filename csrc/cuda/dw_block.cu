@@ -43,11 +43,15 @@
 // (NCHW-contiguous, k in {3, 5, 7, 9}, W <= 32) only where v2 is enabled
 // (dw_block_v2_enabled: its source hash is validated by a recorded GPU run, or the environment
 // opts in with CONVMIXER_KERNELS_CUDA_DW_V2=1; =0 forces v1; read at each call); under the same
-// switch the channels_last eval forward (dw_block_v2_cl.{h,cu,cuh}) runs for channels_last-
-// contiguous x with k in {3, 5, 7, 9}, C % 4 == 0 and a 16-byte aligned pointer. By default
+// switch the channels_last eval and train forwards (dw_block_v2_cl.{h,cu,cuh},
+// dw_block_v2_cl_train.cuh) and backward (dw_block_v2_cl_backward.{h,cu,cuh}) run for
+// channels_last-contiguous x with k in {3, 5, 7, 9}, C % 4 == 0 and 16-byte aligned pointers. By default
 // (unvalidated) the kernels here serve every call. The v2 backward
 // (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD conv and
-// wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda).
+// wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda). The
+// generic v2 path (dw_block_v2_generic.{h,cu,cuh}: run-time k up to 31, column tiles for any W,
+// strided views read through their strides) takes every other call whose output is NCHW (x not
+// channels_last-contiguous), forward and backward, under the same switch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -68,6 +72,7 @@
 #include "dw_block_v2_backward.h"
 #include "dw_block_v2_cl.h"
 #include "dw_block_v2_cl_backward.h"
+#include "dw_block_v2_generic.h"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -200,6 +205,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     dw_block_v2_cl_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
+  // Every other NCHW call (output NCHW: any strides, k odd 3..31, any W): the generic v2 path
+  // (dw_block_v2_generic.*: run-time k, column tiles with a halo, x read through its strides).
+  if (v2_enabled() && dw_block_v2_generic_covers(x, g.k)) {
+    if (use_batch_stats)
+      dw_block_v2_generic_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean,
+                                        var);
+    else
+      dw_block_v2_generic_eval_forward(x, g.k, wt, b, bnw, bnb, mean, var, eps, act, out,
+                                       save_preact ? preact : at::Tensor());
+    return {out, mean, var, preact};
+  }
   // Training stores z in preact, or in out as scratch until the statistics are known.
   at::Tensor zbuf = save_preact ? preact : (use_batch_stats ? out : at::Tensor());
   at::Tensor pmean, pm2;
@@ -305,6 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   // preact), C % 4 == 0, 16-byte aligned, k in {3, 5, 7, 9}
   const bool use_v2_cl =
       need_conv && !use_v2 && v2_enabled() && dw_block_v2_cl_backward_covers(grad_out, x, preact, g.k);
+  // The other NCHW calls (k odd 3..31, any W, strided x / grad_out / preact): the generic v2
+  // backward (dw_block_v2_generic.*), same switch.
+  const bool use_v2_generic =
+      !use_v2 && !use_v2_cl && need_conv && v2_enabled() && dw_block_v2_generic_backward_covers(grad_out, x, g.k);
 
   CONVMIXER_DW_DISPATCH(x.scalar_type(), "dw_block_backward_cuda", [&] {
     // The pre-activation: the saved one, or recomputed from x.
@@ -334,6 +354,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       std::tie(dx, dweight, dbias, dbnw, dbnb) =
           dw_block_v2_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act, need_dx,
                                need_dw, need_db, need_dbnw, need_dbnb);
+      return;
+    }
+    if (use_v2_generic) {
+      std::tie(dx, dweight, dbias, dbnw, dbnb) =
+          dw_block_v2_generic_backward(grad_out, x, weight, z, bnw, mean32, var32, use_batch_stats, eps, act,
+                                       need_dx, need_dw, need_db, need_dbnw, need_dbnb);
       return;
     }
 
