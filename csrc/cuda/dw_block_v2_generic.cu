@@ -1,7 +1,8 @@
-// Depthwise block v2, generic NCHW path: host launch of the kernels of dw_block_v2_generic.cuh
+// Depthwise block v2, generic path (NCHW and channels_last outputs): host launch of the kernels of dw_block_v2_generic.cuh
 // and dw_block_v2_generic_backward.cuh (design there; interface in dw_block_v2_generic.h).
-// dw_block.cu calls it, behind the v2 switch, for the NCHW calls the templated v2 kernels do
-// not cover (k > 9, W > 32, strided views); docs/cuda-depthwise.md "v2 generic NCHW path".
+// dw_block.cu calls it, behind the v2 switch, for the calls the templated v2 kernels do not
+// cover (k > 9, W > 32, strided views; channels_last x with C % 4 != 0, a misaligned pointer or
+// k > 9); docs/cuda-depthwise.md "v2 generic NCHW path".
 //
 // Instantiations, per dtype (float32, bfloat16, float16): gen_eval_kernel and gen_train_kernel
 // with a run-time k (KC = 0), gen_norm_kernel, and per activation gen_bwd_kernel (KC = 0) and

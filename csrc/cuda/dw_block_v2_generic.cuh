@@ -1,6 +1,8 @@
-// Depthwise block v2, generic NCHW kernels (issue 22), forward and the shared tile code:
-// every NCHW call the templated v2 kernels (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32,
-// contiguous) do not take. The backward kernels: dw_block_v2_generic_backward.cuh.
+// Depthwise block v2, generic kernels (issue 22), forward and the shared tile code:
+// every call the templated v2 kernels (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32,
+// contiguous; dw_block_v2_cl*.cuh) do not take, NCHW or channels_last outputs (the latter by
+// element stores at stride C on a branch of the element path: the NCHW paths keep their
+// instructions). The backward kernels: dw_block_v2_generic_backward.cuh.
 //   forward:  out = x + BN(act(round(dwconv_k(x) + b)))      (eval; train: batch statistics)
 //   backward: dz, dx = dwconv(dz, flipped) + dy, dW, db, dbn_w, dbn_b   (dw_block_v2_backward.cuh)
 // Same semantics and numerics as the templated v2 kernels (and v1's formulas).
