@@ -862,3 +862,99 @@ def test_v2_generic_nan_propagates(monkeypatch):
     args[0] = args[0].clone()
     args[0][0, 3, 9, 20] = float("nan")
     forward_both(tuple(args))
+
+
+# ---- generic path, channels_last outputs (issue 22 part 1) ----------------------------------
+# Every channels_last call the templated channels_last kernels (dw_block_v2_cl*: k in {3, 5, 7,
+# 9}, C % 4 == 0, 16-byte aligned) do not take runs the generic v2 kernels: x read through its
+# strides, out / preact / dx written channels_last (docs/cuda-depthwise.md, "v2 generic path").
+# (shape, k): generic k (11, 15) with C % 4 == 0 and != 0, C % 4 != 0 at k = 7 (the templated
+# channels_last kernels' k), W > 32 and odd sizes.
+GEN_CL_SHAPES = [((2, 8, 32, 32), 11), ((2, 6, 20, 24), 15), ((2, 6, 32, 32), 7), ((1, 3, 33, 40), 11),
+                 ((2, 12, 17, 45), 15)]
+
+
+def misaligned_cl(t):
+    """The values of ``t`` in a channels_last-contiguous view whose data pointer is 2 elements past a
+    16-byte boundary (not 16-byte aligned)."""
+    n, c, h, w = t.shape
+    base = torch.empty(t.numel() + 2, device=t.device, dtype=t.dtype)
+    v = base[2:].view(n, h, w, c).permute(0, 3, 1, 2)
+    v.copy_(t)
+    assert v.is_contiguous(memory_format=torch.channels_last) and v.data_ptr() % 16 != 0
+    return v
+
+
+def w_slice_cl(t):
+    """The values of ``t`` in a slice along W of a wider channels_last tensor (columns 1 .. W of
+    W + 3: strides of channels_last, row pitch (W + 3) * C; neither layout is contiguous)."""
+    n, c, h, w = t.shape
+    base = torch.empty(n, c, h, w + 3, device=t.device, dtype=t.dtype).normal_()
+    v = base.contiguous(memory_format=torch.channels_last)[..., 1:w + 1]
+    v.copy_(t)
+    assert not v.is_contiguous() and not v.is_contiguous(memory_format=torch.channels_last)
+    return v
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "nosave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_CL_SHAPES, ids=str)
+def test_v2_generic_cl_forward_matches_reference(shape, k, dtype, save_preact, training):
+    """channels_last x: out and preact channels_last (forward_both_cl checks the layout)."""
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", training, save_preact, "gelu"))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 20, 24), 15), ((2, 6, 32, 32), 7)], ids=str)
+def test_v2_generic_cl_forward_activations(shape, k, dtype, activation, training):
+    forward_both_cl(cuda_args(shape, k, dtype, "channels_last", training, True, activation))
+
+
+@pytest.mark.parametrize("view", ["misaligned", "w_slice"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 8, 32, 32), 9), ((1, 6, 17, 40), 11)], ids=str)
+def test_v2_generic_cl_views_forward(shape, k, dtype, training, view):
+    """A misaligned channels_last x (output channels_last) and a W slice of a channels_last tensor
+    (output NCHW: output_format), k = 9 (the templated channels_last kernels' k) and 11."""
+    args = list(cuda_args(shape, k, dtype, "channels_last", training, True))
+    args[0] = misaligned_cl(args[0]) if view == "misaligned" else w_slice_cl(args[0])
+    forward_both_cl(tuple(args))
+
+
+@pytest.mark.parametrize("save_preact", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", GEN_CL_SHAPES, ids=str)
+def test_v2_generic_cl_backward_matches_reference(shape, k, dtype, training, save_preact, monkeypatch):
+    """channels_last x, grad_out (and saved preact): dx channels_last."""
+    monkeypatch.setenv(SWITCH, "1")
+    got = backward_both(backward_args_cl(shape, k, dtype, training, save_preact))
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_v2_generic_cl_backward_activations(dtype, training, activation, monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args_cl((2, 6, 20, 24), 15, dtype, training, True, activation))
+
+
+@pytest.mark.parametrize("view", ["misaligned", "w_slice"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 8, 32, 32), 9), ((1, 6, 17, 40), 11)], ids=str)
+def test_v2_generic_cl_views_backward(shape, k, dtype, training, view, monkeypatch):
+    """x, grad_out and the saved preact as misaligned channels_last views (dx channels_last) or W
+    slices of channels_last tensors (dx NCHW)."""
+    monkeypatch.setenv(SWITCH, "1")
+    bargs = list(backward_args_cl(shape, k, dtype, training, True))
+    make = misaligned_cl if view == "misaligned" else w_slice_cl
+    for i in (0, 1, 7):
+        bargs[i] = make(bargs[i])
+    got = backward_both(tuple(bargs))
+    assert got[0].is_contiguous(memory_format=output_memory_format(bargs[1]))

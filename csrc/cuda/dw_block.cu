@@ -50,8 +50,10 @@
 // (dw_block_v2_backward.{h,cu,cuh}) likewise replaces bwd_elem_kernel, the DGRAD conv and
 // wgrad_kernel for the backward calls it covers (same switch; dw_block_backward_cuda). The
 // generic v2 path (dw_block_v2_generic.{h,cu,cuh}: run-time k up to 31, column tiles for any W,
-// strided views read through their strides) takes every other call whose output is NCHW (x not
-// channels_last-contiguous), forward and backward, under the same switch.
+// strided views read through their strides) takes every other call, forward and backward, under
+// the same switch: output NCHW (x not channels_last-contiguous) or channels_last (out, preact and
+// dx written channels_last: channels_last x with k other than 3/5/7/9, C % 4 != 0 or a
+// misaligned pointer); it is routed after the templated NCHW and channels_last kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -205,8 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_forward_cuda
     dw_block_v2_cl_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean, var);
     return {out, mean, var, preact};
   }
-  // Every other NCHW call (output NCHW: any strides, k odd 3..31, any W): the generic v2 path
-  // (dw_block_v2_generic.*: run-time k, column tiles with a halo, x read through its strides).
+  // Every other call (output NCHW or channels_last, any strides, k odd 3..31, any W): the generic
+  // v2 path (dw_block_v2_generic.*: run-time k, column tiles with a halo, x read through its
+  // strides, out / preact written in output_format(x)).
   if (v2_enabled() && dw_block_v2_generic_covers(x, g.k)) {
     if (use_batch_stats)
       dw_block_v2_generic_train_forward(x, g.k, wt, b, bnw, bnb, eps, act, out, save_preact ? preact : out, mean,
@@ -321,8 +324,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   // preact), C % 4 == 0, 16-byte aligned, k in {3, 5, 7, 9}
   const bool use_v2_cl =
       need_conv && !use_v2 && v2_enabled() && dw_block_v2_cl_backward_covers(grad_out, x, preact, g.k);
-  // The other NCHW calls (k odd 3..31, any W, strided x / grad_out / preact): the generic v2
-  // backward (dw_block_v2_generic.*), same switch.
+  // The other calls (k odd 3..31, any W, strided x / grad_out / preact, channels_last x with
+  // C % 4 != 0, misaligned pointers, other k): the generic v2 backward (dw_block_v2_generic.*;
+  // dx in output_format(x)), same switch.
   const bool use_v2_generic =
       !use_v2 && !use_v2_cl && need_conv && v2_enabled() && dw_block_v2_generic_backward_covers(grad_out, x, g.k);
 

@@ -1,7 +1,8 @@
-// Depthwise block v2, generic NCHW path: host launch of the kernels of dw_block_v2_generic.cuh
+// Depthwise block v2, generic path (NCHW and channels_last outputs): host launch of the kernels of dw_block_v2_generic.cuh
 // and dw_block_v2_generic_backward.cuh (design there; interface in dw_block_v2_generic.h).
-// dw_block.cu calls it, behind the v2 switch, for the NCHW calls the templated v2 kernels do
-// not cover (k > 9, W > 32, strided views); docs/cuda-depthwise.md "v2 generic NCHW path".
+// dw_block.cu calls it, behind the v2 switch, for the calls the templated v2 kernels do not
+// cover (k > 9, W > 32, strided views; channels_last x with C % 4 != 0, a misaligned pointer or
+// k > 9); docs/cuda-depthwise.md "v2 generic NCHW path".
 //
 // Instantiations, per dtype (float32, bfloat16, float16): gen_eval_kernel and gen_train_kernel
 // with a run-time k (KC = 0), gen_norm_kernel, and per activation gen_bwd_kernel (KC = 0) and
@@ -95,7 +96,8 @@ void run_gen_eval(const at::Tensor& x, int k, const at::Tensor& wt, const at::Te
   fill_fwd<T>(a, x, k, wt, b, act);
   a.out = out.data_ptr<T>();
   a.z = z.defined() ? z.data_ptr<T>() : nullptr;
-  a.ovec = a.W % 8 == 0 && aligned16_g(a.out) && (a.z == nullptr || aligned16_g(a.z));
+  a.ocl = output_format(x) == at::MemoryFormat::ChannelsLast;
+  a.ovec = !a.ocl && a.W % 8 == 0 && aligned16_g(a.out) && (a.z == nullptr || aligned16_g(a.z));
   a.mean = mean.data_ptr<float>();
   a.var = var.data_ptr<float>();
   a.bnw = ptr_or_null_g(bnw);
@@ -115,7 +117,8 @@ void run_gen_train(const at::Tensor& x, int k, const at::Tensor& wt, const at::T
   const auto fopt = x.options().dtype(at::kFloat);
   const at::Tensor pmean = at::empty({tiles, C}, fopt), pm2 = at::empty({tiles, C}, fopt);
   a.z = z.data_ptr<T>();
-  a.ovec = a.W % 8 == 0 && aligned16_g(a.z);
+  a.ocl = output_format(x) == at::MemoryFormat::ChannelsLast;
+  a.ovec = !a.ocl && a.W % 8 == 0 && aligned16_g(a.z);
   a.pmean = pmean.data_ptr<float>();
   a.pm2 = pm2.data_ptr<float>();
   launch_g(v2g::gen_train_kernel<T, 0>, a.warps, fwd_smem(k), a);
@@ -142,7 +145,8 @@ void run_gen_train(const at::Tensor& x, int k, const at::Tensor& wt, const at::T
   na.HW = static_cast<int64_t>(a.H) * a.W;
   na.chunks = cdiv_g(na.HW, 256);
   na.items = a.planes * na.chunks;
-  na.vec = na.xplane && na.HW % 8 == 0 && aligned16_g(na.z) && aligned16_g(na.out);
+  na.ocl = a.ocl;
+  na.vec = !na.ocl && na.xplane && na.HW % 8 == 0 && aligned16_g(na.z) && aligned16_g(na.out);
   launch_g(v2g::gen_norm_kernel<T>, na.items, 0, na);
 }
 
@@ -207,7 +211,8 @@ bool x_covered(const at::Tensor& x, int64_t k) {
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return false;
 #endif
   if (k < 3 || k > 31 || k % 2 == 0) return false;
-  if (output_format(x) != at::MemoryFormat::Contiguous) return false;  // channels_last: not this path
+  // Any output layout: NCHW-contiguous, or channels_last-contiguous where output_format(x) is
+  // channels_last (x channels_last-contiguous; out, z and dx then channels_last, element stores).
   constexpr int64_t imax = std::numeric_limits<int32_t>::max();
   return x.size(1) < imax && x.size(2) < imax - 64 && x.size(3) < imax - 64;
 }
@@ -229,7 +234,9 @@ void dw_block_v2_generic_eval_forward(const at::Tensor& x, int64_t k, const at::
                                       const at::Tensor& var, double eps, int act, const at::Tensor& out,
                                       const at::Tensor& z) {
   TORCH_CHECK(x_covered(x, k) && wt.size(1) == k * k, "dw_block v2 generic: call not covered");
-  TORCH_CHECK(out.is_contiguous() && (!z.defined() || z.is_contiguous()), "dw_block v2 generic: out and z must be NCHW");
+  const auto fmt = output_format(x);
+  TORCH_CHECK(out.is_contiguous(fmt) && (!z.defined() || z.is_contiguous(fmt)),
+              "dw_block v2 generic: out and z must have x's output layout (output_format)");
   CONVMIXER_DW_V2G_DISPATCH(x.scalar_type(), "dw_block_v2_generic_eval_forward", [&] {
     run_gen_eval<scalar_t>(x, static_cast<int>(k), wt, b, bnw, bnb, mean, var, eps, act, out, z);
   });
@@ -240,7 +247,9 @@ void dw_block_v2_generic_train_forward(const at::Tensor& x, int64_t k, const at:
                                        const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
                                        const at::Tensor& var) {
   TORCH_CHECK(x_covered(x, k) && wt.size(1) == k * k, "dw_block v2 generic: call not covered");
-  TORCH_CHECK(out.is_contiguous() && z.is_contiguous(), "dw_block v2 generic: out and z must be NCHW");
+  const auto fmt = output_format(x);
+  TORCH_CHECK(out.is_contiguous(fmt) && z.is_contiguous(fmt),
+              "dw_block v2 generic: out and z must have x's output layout (output_format)");
   CONVMIXER_DW_V2G_DISPATCH(x.scalar_type(), "dw_block_v2_generic_train_forward", [&] {
     run_gen_train<scalar_t>(x, static_cast<int>(k), wt, b, bnw, bnb, eps, act, out, z, mean, var);
   });
@@ -264,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
              dbias = at::empty({0}, x.options()), dbnw = at::empty({0}, fopt), dbnb = at::empty({0}, fopt);
-  if (need_dx) dx = at::empty(x.sizes(), x.options());  // NCHW-contiguous (output_format of x)
+  const bool dxcl = output_format(x) == at::MemoryFormat::ChannelsLast;
+  if (need_dx) dx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));  // NCHW or channels_last
   const at::Tensor wt = weight.reshape({C, kk}).to(at::kFloat).contiguous();
   at::Tensor inv = at::empty({C}, fopt), mg, mgx;
   v2b::ChanArgs ca{};
@@ -329,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
     a.z = z.data_ptr<T>();
     a.vz = view_of(z);
     a.dx = need_dx ? dx.data_ptr<T>() : nullptr;
-    a.dxvec = need_dx && W % 8 == 0 && aligned16_g(dx.data_ptr());
+    a.dxvec = need_dx && !dxcl && W % 8 == 0 && aligned16_g(dx.data_ptr());
+    a.dxcl = dxcl;
     a.wt = wt.data_ptr<float>();
     a.mean = mean.data_ptr<float>();
     a.inv = inv.data_ptr<float>();

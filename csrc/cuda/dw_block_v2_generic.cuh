@@ -1,6 +1,8 @@
-// Depthwise block v2, generic NCHW kernels (issue 22), forward and the shared tile code:
-// every NCHW call the templated v2 kernels (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32,
-// contiguous) do not take. The backward kernels: dw_block_v2_generic_backward.cuh.
+// Depthwise block v2, generic kernels (issue 22), forward and the shared tile code:
+// every call the templated v2 kernels (dw_block_v2.cuh: k in {3, 5, 7, 9}, W <= 32,
+// contiguous; dw_block_v2_cl*.cuh) do not take, NCHW or channels_last outputs (the latter by
+// element stores at stride C on a branch of the element path: the NCHW paths keep their
+// instructions). The backward kernels: dw_block_v2_generic_backward.cuh.
 //   forward:  out = x + BN(act(round(dwconv_k(x) + b)))      (eval; train: batch statistics)
 //   backward: dz, dx = dwconv(dz, flipped) + dy, dW, db, dbn_w, dbn_b   (dw_block_v2_backward.cuh)
 // Same semantics and numerics as the templated v2 kernels (and v1's formulas).
@@ -174,15 +176,36 @@ __device__ __forceinline__ void taps(const float* wsw, const float* ws, const Ge
   }
 }
 
+// ---- channels_last outputs ------------------------------------------------------------------
+// The offset of element (n, c, hr, col) in a channels_last-contiguous (N, H, W, C) tensor.
+__device__ __forceinline__ int64_t cl_off(int64_t n, int c, int C, int H, int W, int hr, int col) {
+  return ((n * H + hr) * W + col) * C + c;
+}
+
+// Stores min(8, left) values of a row at off, off + C, ... (and of a second tensor when b is not
+// null): channels_last, one element per pixel (2- or 4-byte stores, uncoalesced across the warp).
+template <typename T>
+__device__ __forceinline__ void cl_store8(T* a, T* b, int64_t off, int C, int left, const float (&va)[8],
+                                          const float (&vb)[8]) {
+#pragma unroll
+  for (int cc = 0; cc < 8; ++cc) {
+    if (cc >= left) break;
+    const int64_t o = off + static_cast<int64_t>(cc) * C;
+    a[o] = from_f<T>(va[cc]);
+    if (b != nullptr) b[o] = from_f<T>(vb[cc]);
+  }
+}
+
 // ---- forward: eval and train ----------------------------------------------------------------
 
 template <typename T>
 struct GenFwdArgs {
   const T* __restrict__ x;  // any strides (View)
   View vx;
-  T* out;           // (N, C, H, W) contiguous; eval only
-  T* z;             // contiguous: eval: nullable saved pre-activation; train: z (preact or out)
-  bool ovec;        // W % 8 == 0 and out, z 16-byte aligned: 16-byte stores
+  T* out;           // (N, C, H, W) contiguous NCHW, or channels_last-contiguous (ocl); eval only
+  T* z;             // out's layout: eval: nullable saved pre-activation; train: z (preact or out)
+  bool ovec;        // NCHW, W % 8 == 0 and out, z 16-byte aligned: 16-byte stores
+  bool ocl;         // out and z channels_last-contiguous (N, H, W, C): element stores at stride C
   const float* __restrict__ wt;    // (C, k*k) float32
   const float* __restrict__ bias;  // nullable
   const float* __restrict__ mean;  // eval: running statistics
@@ -249,7 +272,7 @@ __device__ __forceinline__ FwdItem fwd_item(const A& a, int64_t item) {
 
 template <int ACT, typename T>
 __device__ __forceinline__ void gen_eval_epilogue(const GenFwdArgs<T>& a, const float (&acc)[R][8], const float* ws,
-                                                  const Geo& g, int64_t pbase, int h0, int w0, int rg, int q,
+                                                  const Geo& g, const FwdItem& it, int64_t pbase, int h0, int w0, int rg, int q,
                                                   float b, float scale, float shift) {
   const int col0 = w0 + q * 8;
   if (col0 >= a.W) return;
@@ -269,13 +292,15 @@ __device__ __forceinline__ void gen_eval_epilogue(const GenFwdArgs<T>& a, const 
     if (a.ovec && col0 + 8 <= a.W) {
       store8<T>(a.out + off, o);
       if (a.z != nullptr) store8<T>(a.z + off, zf);
-    } else {
+    } else if (!a.ocl) {
 #pragma unroll
       for (int cc = 0; cc < 8; ++cc) {
         if (col0 + cc >= a.W) break;
         a.out[off + cc] = from_f<T>(o[cc]);
         if (a.z != nullptr) a.z[off + cc] = from_f<T>(zf[cc]);
       }
+    } else {  // channels_last (ovec false): pixel (hr, col0 + cc) at stride C
+      cl_store8<T>(a.out, a.z, cl_off(it.n, it.c, a.C, a.H, a.W, hr, col0), a.C, a.W - col0, o, zf);
     }
   }
 }
@@ -304,9 +329,9 @@ __global__ void __launch_bounds__(THREADS_G) gen_eval_kernel(const GenFwdArgs<T>
   const float shift = fmaf(-a.mean[c], scale, bb);
   const int64_t pbase = it.p * a.H * a.W;
   switch (a.act) {
-    case kGelu: gen_eval_epilogue<kGelu, T>(a, acc, ws, g, pbase, h0, w0, rg, q, b, scale, shift); break;
-    case kGeluTanh: gen_eval_epilogue<kGeluTanh, T>(a, acc, ws, g, pbase, h0, w0, rg, q, b, scale, shift); break;
-    default: gen_eval_epilogue<kRelu, T>(a, acc, ws, g, pbase, h0, w0, rg, q, b, scale, shift); break;
+    case kGelu: gen_eval_epilogue<kGelu, T>(a, acc, ws, g, it, pbase, h0, w0, rg, q, b, scale, shift); break;
+    case kGeluTanh: gen_eval_epilogue<kGeluTanh, T>(a, acc, ws, g, it, pbase, h0, w0, rg, q, b, scale, shift); break;
+    default: gen_eval_epilogue<kRelu, T>(a, acc, ws, g, it, pbase, h0, w0, rg, q, b, scale, shift); break;
   }
 }
 
@@ -343,12 +368,14 @@ __device__ __forceinline__ void gen_train_epilogue(const GenFwdArgs<T>& a, float
     const int64_t off = pbase + static_cast<int64_t>(hr) * a.W + col0;
     if (a.ovec && col0 + 8 <= a.W) {
       store8<T>(a.z + off, zf);
-    } else {
+    } else if (!a.ocl) {
 #pragma unroll
       for (int cc = 0; cc < 8; ++cc) {
         if (col0 + cc >= a.W) break;
         a.z[off + cc] = from_f<T>(zf[cc]);
       }
+    } else {
+      cl_store8<T>(a.z, nullptr, cl_off(it.n, it.c, a.C, a.H, a.W, hr, col0), a.C, a.W - col0, zf, zf);
     }
   }
   const int rows = a.H - h0 < TR ? a.H - h0 : TR, cols = a.W - w0 < TC ? a.W - w0 : TC;
@@ -439,8 +466,8 @@ __global__ void __launch_bounds__(256) gen_finalize_kernel(const GenFinalizeArgs
   a.shift[c] = fmaf(-mean, scale, bb);
 }
 
-// out = x + act(z) * scale + shift; z, out contiguous (z may alias out: each element read, then
-// written, by one lane), x through its strides. 256 elements of one plane per warp, 8 per lane.
+// out = x + act(z) * scale + shift; z, out contiguous NCHW or both channels_last-contiguous (ocl)
+// (z may alias out: each element read, then written, by one lane), x through its strides. 256 elements of one plane per warp, 8 per lane.
 template <typename T>
 struct GenNormArgs {
   const T* __restrict__ x;
@@ -455,12 +482,13 @@ struct GenNormArgs {
   int64_t HW;
   int64_t chunks;  // ceil(HW / 256)
   int64_t items;   // planes * chunks
-  bool vec;        // HW % 8 == 0, z and out 16-byte aligned (and xplane)
+  bool vec;        // HW % 8 == 0, z and out 16-byte aligned (and xplane); false when ocl
+  bool ocl;        // z and out channels_last-contiguous: pixel i of plane (n, c) at (n * HW + i) * C + c
 };
 
 template <int ACT, typename T>
 __device__ __forceinline__ void gen_norm8(const GenNormArgs<T>& a, int64_t zbase, int64_t xbase, int64_t i0,
-                                          float scale, float shift) {
+                                          float scale, float shift, int64_t n, int c) {
   if (a.vec && i0 + 8 <= a.HW) {
     float xv[8], zv[8];
     load8<T>(a.z + zbase + i0, zv);
@@ -470,6 +498,17 @@ __device__ __forceinline__ void gen_norm8(const GenNormArgs<T>& a, int64_t zbase
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) zv[cc] += xv[cc];
     store8<T>(a.out + zbase + i0, zv);
+    return;
+  }
+  if (a.ocl) {  // element accesses at stride C (uncoalesced across the warp)
+#pragma unroll 1
+    for (int cc = 0; cc < 8; ++cc) {
+      const int64_t i = i0 + cc;
+      if (i >= a.HW) break;
+      const int64_t h = i / a.W, w = i - h * a.W, o = (n * a.HW + i) * a.C + c;
+      const float y = fmaf(act_fwd(to_f(a.z[o]), ACT), scale, shift);
+      a.out[o] = from_f<T>(to_f(a.x[xbase + h * a.vx.sh + w * a.vx.sw]) + y);
+    }
     return;
   }
 #pragma unroll 1
@@ -495,9 +534,9 @@ __global__ void __launch_bounds__(THREADS_G) gen_norm_kernel(const GenNormArgs<T
   const float scale = a.scale[c], shift = a.shift[c];
   const int64_t zbase = p * a.HW, xbase = n * a.vx.sn + c * a.vx.sc;
   switch (a.act) {
-    case kGelu: gen_norm8<kGelu, T>(a, zbase, xbase, i0, scale, shift); break;
-    case kGeluTanh: gen_norm8<kGeluTanh, T>(a, zbase, xbase, i0, scale, shift); break;
-    default: gen_norm8<kRelu, T>(a, zbase, xbase, i0, scale, shift); break;
+    case kGelu: gen_norm8<kGelu, T>(a, zbase, xbase, i0, scale, shift, n, c); break;
+    case kGeluTanh: gen_norm8<kGeluTanh, T>(a, zbase, xbase, i0, scale, shift, n, c); break;
+    default: gen_norm8<kRelu, T>(a, zbase, xbase, i0, scale, shift, n, c); break;
   }
 }
 

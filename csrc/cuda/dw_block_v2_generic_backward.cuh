@@ -25,7 +25,7 @@ using namespace v2_units;  // load8, store8, subwarp_sum
 // tiles in order (n, th, tw): per tile (1) dz of the tile's window (the tile and its halo on
 // all sides, zero outside the image) staged from dy and z (dz_of: v1's formulas), the tile's
 // sums of dz (and, in eval, of dy and dy * xhat) over its own pixels in per-lane registers;
-// (2) dgrad: the taps with the flipped kernel + dy, rounded once, stored into dx (contiguous);
+// (2) dgrad: the taps with the flipped kernel + dy, rounded once, stored into dx (contiguous NCHW or channels_last);
 // (3) wgrad: the lane's 4 x 8 own x values (zero outside the image; kept in the lane's slot of
 // shared memory, not registers: with them in registers the kernel spilled at sm_80) times the dz window, per
 // kernel row i' and group of 4 columns j0: 4 sums over the lane's 32 pixels, a butterfly sum
@@ -48,8 +48,9 @@ struct GenBwdArgs {
   View vdy;
   const T* __restrict__ z;
   View vz;
-  T* __restrict__ dx;  // contiguous, nullable
-  bool dxvec;          // W % 8 == 0 and dx 16-byte aligned
+  T* __restrict__ dx;  // contiguous NCHW, or channels_last-contiguous (dxcl); nullable
+  bool dxvec;          // NCHW, W % 8 == 0 and dx 16-byte aligned
+  bool dxcl;           // dx channels_last-contiguous: element stores at stride C
   const float* __restrict__ wt;  // (C, k*k)
   const float* __restrict__ mean;
   const float* __restrict__ inv;
@@ -286,10 +287,12 @@ __global__ void __launch_bounds__(THREADS_G, 4) gen_bwd_kernel(const GenBwdArgs<
             const int64_t off = obase + static_cast<int64_t>(hr) * a.W + col0;
             if (a.dxvec && col0 + 8 <= a.W) {
               store8<T>(a.dx + off, o);
-            } else {
+            } else if (!a.dxcl) {
 #pragma unroll
               for (int cc = 0; cc < 8; ++cc)
                 if (col0 + cc < a.W) a.dx[off + cc] = from_f<T>(o[cc]);
+            } else {  // channels_last (dxvec false): pixel (hr, col0 + cc) at stride C
+              cl_store8<T>(a.dx, nullptr, cl_off(nn, c, a.C, a.H, a.W, hr, col0), a.C, a.W - col0, o, o);
             }
           }
         }
