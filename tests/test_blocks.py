@@ -64,7 +64,7 @@ def run_case(op, shape, cout, k, activation, dtype, layout, training, backend, d
     # dw_block follows its input's layout; the GEMM blocks write channels_last by default,
     # except where the module ran the stock path (native, or auto's choice), which keeps the
     # stock modules' own layout (modules._native_route caches that route per input)
-    took_stock = any(r is not modules._FUSED and type(r) is not modules._Inference
+    took_stock = any(r is not modules._FUSED and type(r) not in (modules._Inference, modules._Training)
                      for r in fused.__dict__.get("_ck_routes", {}).values())
     if op != "dw_block" and took_stock:
         assert out.stride() == lows[0].stride()
