@@ -58,7 +58,7 @@ def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var
                     count: int, momentum: Momentum) -> None:
     """running = (1 - m) * running + m * batch, with the unbiased variance (as nn.BatchNorm2d).
     One fused in-place lerp for both buffers where the dtypes allow it (the per-call budget:
-    about 6 us against 23 us for the four in-place steps)."""
+    about 8 us against 23 us for the four in-place steps, measured alone)."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         if (type(momentum) is float and running_mean.dtype == mean.dtype
