@@ -309,3 +309,17 @@ def test_summary_gives_the_same_layout_ratio(rows):
         assert want in line, (want, line)
         checked += 1
     assert checked >= 6
+
+
+def test_auto_backend_column_asks_for_the_providers_input_layout(monkeypatch):
+    """The 'backend' column of fused_auto_cl asks auto about a channels_last input (the
+    choice may differ by layout), of fused_auto about the NCHW one."""
+    seen = []
+    real = bench._auto_choice
+    monkeypatch.setattr(bench, "_auto_choice", lambda case, mode, x: seen.append(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) or real(case, mode, x))
+    rows = bench.run(TINY + ["--ops", "pw_block", "--modes", "inference", "--baselines", "eager_nchw",
+                             "--no-csv"])
+    providers = [r["provider"] for r in rows if r["provider"].startswith("fused_auto")]
+    assert sorted(providers) == ["fused_auto", "fused_auto_cl"]
+    assert sorted(seen) == [False, True]

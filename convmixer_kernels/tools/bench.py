@@ -246,7 +246,10 @@ def _row(case: Case, dtype: str, mode: str, provider: str, backend: Optional[str
            "peak_copy_gb_per_s": peaks.copy_gbps, "peak_matmul_tflop_per_s": peaks.matmul_tflops,
            "peak_fma_tflop_per_s": peaks.fma_tflops, "peaks_how": peaks.how}
     if backend is not None:
-        row["backend"] = backend if backend != "auto" else _auto_choice(case, mode, built.inputs[0])
+        x0 = built.inputs[0]  # the case's input, in the layout this provider feeds
+        if provider.endswith(CHANNELS_LAST_SUFFIX):
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        row["backend"] = backend if backend != "auto" else _auto_choice(case, mode, x0)
     else:
         row["backend"] = provider
     if cost is not None:
