@@ -406,6 +406,23 @@ def _still_valid(route: "_Training", conv: nn.Conv2d, bn: nn.BatchNorm2d) -> boo
                for r, t in zip(refs, _tensors_of(conv, bn)))
 
 
+def _bn_bookkeeping(bn: nn.BatchNorm2d) -> tuple:
+    """nn.BatchNorm2d's per-call bookkeeping before a fused call: counts the batch, and
+    returns (momentum factor, use batch statistics, running_mean, running_var to pass: None
+    where training does not track them)."""
+    b = bn._buffers
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and b["num_batches_tracked"] is not None:
+        b["num_batches_tracked"].add_(1)
+        if bn.momentum is None:  # cumulative moving average, kept as a tensor (no host sync)
+            factor = 1.0 / b["num_batches_tracked"]
+    rm, rv = b["running_mean"], b["running_var"]
+    use_batch_stats = bn.training or (rm is None and rv is None)
+    if bn.training and not bn.track_running_stats:
+        rm = rv = None
+    return factor, use_batch_stats, rm, rv
+
+
 def _run_training(spec: BlockSpec, route: "_Training", x: Tensor, conv: nn.Conv2d,
                   bn: nn.BatchNorm2d) -> Tensor:
     """Eager training on a kernel backend for a validated signature: what
@@ -414,15 +431,7 @@ def _run_training(spec: BlockSpec, route: "_Training", x: Tensor, conv: nn.Conv2
     name, activation, out_format, _, _ = route
     p, bp, b = conv._parameters, bn._parameters, bn._buffers
     w, bias, bn_w, bn_b = p["weight"], p["bias"], bp["weight"], bp["bias"]
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and b["num_batches_tracked"] is not None:
-        b["num_batches_tracked"].add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / b["num_batches_tracked"]
-    rm, rv = b["running_mean"], b["running_var"]
-    use_batch_stats = bn.training or (rm is None and rv is None)
-    if bn.training and not bn.track_running_stats:
-        rm = rv = None
+    factor, use_batch_stats, rm, rv = _bn_bookkeeping(bn)
     needs_grad = (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
                   or (bn_w is not None and bn_w.requires_grad)
                   or (bn_b is not None and bn_b.requires_grad))
@@ -447,19 +456,13 @@ def _run_inference(spec: BlockSpec, route: "_Inference", x: Tensor, conv: nn.Con
 def _run_functional(fn, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
                     owner: FusedOptions, layout: dict) -> Tensor:
     """The fused op through the functional API, with BatchNorm's bookkeeping."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, kept as a tensor (no host sync)
-            factor = 1.0 / bn.num_batches_tracked
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
+    factor, use_batch_stats, rm, rv = _bn_bookkeeping(bn)
     activation = _activations.name_of(act)
     if activation is None:
         raise TypeError(f"activation module: expected nn.GELU or nn.ReLU, got {type(act).__name__}")
     with block_range(fn):  # a profiler range (NVTX under emit_nvtx); nothing without a profiler
         return fn(x, conv.weight, conv.bias, bn.weight, bn.bias,
-                  bn.running_mean if keep else None, bn.running_var if keep else None,
+                  rm, rv,
                   training=use_batch_stats, momentum=factor, eps=bn.eps, activation=activation,
                   backend=owner.backend, memory_saving=owner.memory_saving, sync_bn=owner.sync_bn,
                   process_group=owner.process_group, **layout)
