@@ -33,10 +33,12 @@ namespace {
 struct Operands {
   Tensor dy, pre, P, Wm, D, xc;
   bool use_conv = false;
+  bool z_has_bias = false;  // the recomputed z (D) already has the bias (the forward's conv added it)
 };
 
 Operands prepare_operands(const Geom& g, at::ScalarType acc, const Tensor& grad_out, const Tensor& x,
-                          const Tensor& weight, const Tensor& preact, bool need_dz, bool need_dx, bool need_dw) {
+                          const Tensor& weight, const OptTensor& bias, const Tensor& preact, bool need_dz,
+                          bool need_dx, bool need_dw) {
   Operands o;
   const bool have_preact = preact.numel() > 0;
   o.dy = grad_out.contiguous(g.fmt);  // a copy only when grad_out is in another layout
@@ -50,7 +52,8 @@ Operands prepare_operands(const Geom& g, at::ScalarType acc, const Tensor& grad_
   }
   if (!have_preact) {  // z recomputed with the forward's GEMM: the same bits
     if (o.use_conv) {
-      o.D = conv_forward(g, o.xc, weight);
+      o.z_has_bias = conv_adds_bias(g, acc, x.scalar_type());
+      o.D = conv_forward(g, o.xc, weight, o.z_has_bias ? bias : OptTensor());
     } else {
       o.D = at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
       gemm_forward(g, o.P, o.Wm, o.D);
@@ -190,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     return std::make_tuple(empty_x(), empty_x(), empty_x(), empty_s(), empty_s());
   }
 
-  Operands o = prepare_operands(g, acc, grad_out, x, weight, preact, need_dz, need_dx, need_dw);
+  Operands o = prepare_operands(g, acc, grad_out, x, weight, bias, preact, need_dz, need_dx, need_dw);
 
   DzPasses<scalar_t> p(g, act);
   const std::vector<acc_t> bias_v = channel_values<acc_t>(bias, C, acc_t(0));
@@ -206,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     p.zs.preact = src_of(o.pre);
   } else {
     p.zs.gemm = o.D.data_ptr<acc_t>();
-    p.zs.bias = present(bias) ? bias_v.data() : nullptr;
+    p.zs.bias = present(bias) && !o.z_has_bias ? bias_v.data() : nullptr;
     p.zs.direct = false;  // act' is written over the recomputed z
   }
   p.zs.C = C;

@@ -20,12 +20,13 @@ namespace cpu {
 namespace gemm {
 namespace {
 
-// Pass 1 of the batch statistics: z -> preact (pb, when saved), a = act(z) (kept over the
-// GEMM output gb where store_a, for pass 2), per-channel sums shifted by each channel's
-// first activation; then the batch mean and biased variance into mp, vp.
+// Pass 1 of the batch statistics: z -> preact (pb, when saved), a = act(z) (kept in ab
+// where store_a, for pass 2: over the GEMM output, or in the output where the GEMM output
+// is the saved preact), per-channel sums shifted by each channel's first activation; then
+// the batch mean and biased variance into mp, vp.
 template <typename scalar_t, typename acc_t>
-void batch_stats_pass(const Geom& g, const Chunking& k, Act act, const ZSource<scalar_t, acc_t>& zs, acc_t* gb,
-                      scalar_t* pb, bool store_a, acc_t* mp, acc_t* vp) {
+void batch_stats_pass(const Geom& g, const Chunking& k, Act act, const ZSource<scalar_t, acc_t>& zs, const acc_t* gb,
+                      scalar_t* pb, acc_t* ab, bool store_a, acc_t* mp, acc_t* vp) {
   const int64_t C = g.Cout;
   // Pass 1: z -> preact, a = act(z), shifted sums.
   // The shift (each channel's first activation) keeps sum-of-squares cancellation small.
@@ -41,7 +42,7 @@ void batch_stats_pass(const Geom& g, const Chunking& k, Act act, const ZSource<s
   run_chunks<acc_t>(k, 2, [&](int64_t off, int64_t len, int64_t c, int64_t slot, acc_t* scratch) {
     const acc_t* z = zs.get(off, len, c, scratch);
     if (pb) store(pb + off, z, len);
-    acc_t* a = store_a ? gb + off : scratch + k.max_len;
+    acc_t* a = store_a ? ab + off : scratch + k.max_len;
     act_fwd(act, z, a, len);  // z may be a itself (in-place activation)
     if (c >= 0) {
       sum_shifted_sq(a, len, shift[c], &S[slot], &SS[slot]);
@@ -80,9 +81,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const int64_t C = g.Cout;
 
   Tensor out, buf;
+  // The convolution adds the bias (z in buf); with a saved preact, buf is that preact and
+  // the output gets its own buffer (pass 1 stores a there), instead of a copy of z.
+  const bool z_in_buf = conv_adds_bias(g, acc, x.scalar_type());
+  const bool preact_is_buf = z_in_buf && save_preact;
   if (conv_gemm(g, acc)) {
-    buf = conv_forward(g, conv_input(x), weight);
-    out = kSame ? buf : at::empty(out_sizes(g), x.options().memory_format(g.fmt));
+    buf = conv_forward(g, conv_input(x), weight, z_in_buf ? bias : OptTensor());
+    out = kSame && !preact_is_buf ? buf : at::empty(out_sizes(g), x.options().memory_format(g.fmt));
   } else {
     out = at::empty(out_sizes(g), x.options().memory_format(g.fmt));
     buf = kSame ? out : at::empty(out_sizes(g), x.options().dtype(acc).memory_format(g.fmt));
@@ -90,8 +95,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     Tensor Wm = weight_matrix(g, weight, acc);
     gemm_forward(g, P, Wm, buf);
   }
-  Tensor preact = save_preact ? at::empty(out_sizes(g), x.options().memory_format(g.fmt))
-                              : at::empty({0}, x.options());
+  Tensor preact = preact_is_buf ? buf
+                 : save_preact ? at::empty(out_sizes(g), x.options().memory_format(g.fmt))
+                               : at::empty({0}, x.options());
 
   const std::vector<acc_t> bias_v = channel_values<acc_t>(bias, C, acc_t(0));
   const std::vector<acc_t> w_v = channel_values<acc_t>(bn_weight, C, acc_t(1));
@@ -100,10 +106,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   const Chunking k = make_chunking(g);
   acc_t* gb = buf.data_ptr<acc_t>();
   scalar_t* ob = out.data_ptr<scalar_t>();
-  scalar_t* pb = save_preact ? preact.data_ptr<scalar_t>() : nullptr;
+  scalar_t* pb = save_preact && !preact_is_buf ? preact.data_ptr<scalar_t>() : nullptr;
+  // Where a is stored between the passes: over the GEMM output, or (kSame) in the output.
+  acc_t* ab = preact_is_buf ? reinterpret_cast<acc_t*>(ob) : gb;
   ZSource<scalar_t, acc_t> zs;
   zs.gemm = gb;
-  zs.bias = present(bias) ? bias_v.data() : nullptr;
+  zs.bias = present(bias) && !z_in_buf ? bias_v.data() : nullptr;
   zs.C = C;
 
   Tensor mean = at::empty({C}, x.options().dtype(acc));
@@ -116,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   // one (relu) is recomputed in pass 2 instead, which moves less memory.
   const bool store_a = act != Act::Relu;
   if (use_batch_stats) {
-    batch_stats_pass<scalar_t, acc_t>(g, k, act, zs, gb, pb, store_a, mp, vp);
+    batch_stats_pass<scalar_t, acc_t>(g, k, act, zs, gb, pb, ab, store_a, mp, vp);
   } else {
     TORCH_CHECK(present(running_mean) && present(running_var),
                 "running_mean, running_var: required when use_batch_stats is False");
@@ -163,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   if (use_batch_stats && store_a) {
     // Pass 2: normalise the stored activations.
     run_chunks<acc_t>(k, 0, [&](int64_t off, int64_t len, int64_t c, int64_t, acc_t*) {
-      normalise(gb + off, ob + off, len, c);
+      normalise(ab + off, ob + off, len, c);
     });
   } else {
     // Running statistics: one pass z -> preact, act, normalise (with batch statistics and a

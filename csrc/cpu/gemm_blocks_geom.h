@@ -168,11 +168,20 @@ inline void gemm_forward(const Geom& g, const Tensor& P, const Tensor& Wm, const
 // embedding of NCHW images gained 1.36-1.61x), as do NCHW outputs and float64.
 inline bool conv_gemm(const Geom& g, at::ScalarType acc) { return acc == at::kFloat && g.out_cl && (g.in_cl || g.p > 1); }
 
+// Where the convolution runs in x's own dtype (float32 x on the conv_gemm path), it adds the
+// bias itself and its output is z: the forward keeps that buffer as the saved preact (no
+// copy) and the backward's recompute makes the same call (the same bits). Elsewhere the
+// passes add the bias and round to x's dtype.
+inline bool conv_adds_bias(const Geom& g, at::ScalarType acc, at::ScalarType x_dtype) {
+  return conv_gemm(g, acc) && x_dtype == acc;
+}
+
 inline Tensor conv_input(const Tensor& x) { return x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast); }
 
-// conv(x, w) without bias, stride p, as a channels_last float32 tensor (out-shaped).
-inline Tensor conv_forward(const Geom& g, const Tensor& xc, const Tensor& w) {
-  Tensor z = at::convolution(xc, w.to(at::kFloat), c10::nullopt, {g.p, g.p}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+// conv(x, w) (+ bias where given), stride p, as a channels_last float32 tensor (out-shaped).
+inline Tensor conv_forward(const Geom& g, const Tensor& xc, const Tensor& w, const OptTensor& bias = c10::nullopt) {
+  const OptTensor b = bias.has_value() && bias->defined() ? OptTensor(bias->to(at::kFloat)) : OptTensor();
+  Tensor z = at::convolution(xc, w.to(at::kFloat), b, {g.p, g.p}, {0, 0}, {1, 1}, false, {0, 0}, 1);
   return z.contiguous(at::MemoryFormat::ChannelsLast);  // a no-op where oneDNN ran (it writes channels_last)
 }
 
