@@ -190,12 +190,10 @@ def test_generic_kernel_index_math(shape, k):
 
 # ---- the backward's dz scratch (gen_dz_kernel writes it, gen_bwd_kernel stages from it) ------
 
-def elem(t, n, c, h, w):
-    """Element (n, c, h, w) of a strided view through its storage offset and strides, as the
-    kernels' View (n * sn + c * sc + h * sh + w * sw from the data pointer)."""
-    sn, sc, sh, sw = t.stride()
-    flat = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
-    return flat[t.storage_offset() + n * sn + c * sc + h * sh + w * sw]
+def flat(t):
+    """The storage of a view as a flat tensor, and the view's offset and strides (the kernels'
+    data pointer and View)."""
+    return t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0), t.storage_offset(), t.stride()
 
 
 def dz_of_stub(dy, z):
@@ -205,9 +203,10 @@ def dz_of_stub(dy, z):
 
 
 def dz_pass(dy, z, group):
-    """gen_dz_kernel: one warp per (group, channel), lanes over (row, 8-column unit) pairs; dz of
-    every element into the (N, C, H, wp) float32 scratch (columns W .. wp - 1 zero) and the
-    group's sum of dz. Returns the flat scratch, the per-element write counts and psum."""
+    """gen_dz_kernel: one warp per (group, channel), lanes over (row, 8-column unit) pairs, row
+    offsets advanced by rows_it rows per step; dz of every element into the (N, C, H, wp) float32
+    scratch (columns W .. wp - 1 zero: the select of the row's last unit) and the group's sum of
+    dz. Returns the flat scratch, the per-element write counts and psum."""
     N, C, H, W = dy.shape
     wp = (W + 7) // 8 * 8
     scratch = torch.full((N * C * H * wp,), float("nan"), dtype=torch.float64)
@@ -216,32 +215,42 @@ def dz_pass(dy, z, group):
     psum = torch.zeros(groups, C, dtype=torch.float64)
     upr = (W + 7) // 8
     rows_it = 32 // upr if upr <= 32 else 1
+    (fdy, ody, (dsn, dsc, dsh, dsw)), (fz, oz, (zsn, zsc, zsh, zsw)) = flat(dy), flat(z)
     for item in range(groups * C):
         grp, c = divmod(item, C)
         n0, n1 = grp * group, min(grp * group + group, N)
         sdz = torch.zeros(32, dtype=torch.float64)
         for lane in range(32):
             ro, u0 = divmod(lane, upr) if upr <= 32 else (0, lane)
+            h_first = ro if ro < rows_it else H
             for n in range(n0, n1):
-                dzbase = (n * C + c) * H * wp
-                h = ro if ro < rows_it else H
+                dyr = ody + n * dsn + c * dsc + h_first * dsh
+                zr = oz + n * zsn + c * zsc + h_first * zsh
+                dzo = ((n * C + c) * H + h_first) * wp
+                h = h_first
                 while h < H:
                     w0 = u0 * 8
                     while w0 < W:
-                        cols = range(w0, w0 + 8)  # load_row8: zeros past W
-                        dyv = torch.tensor([float(elem(dy, n, c, h, w)) if w < W else 0.0 for w in cols],
-                                           dtype=torch.float64)
-                        zv = torch.tensor([float(elem(z, n, c, h, w)) if w < W else 0.0 for w in cols],
-                                          dtype=torch.float64)
-                        d = torch.where(torch.tensor([w < W for w in cols]), dz_of_stub(dyv, zv),
-                                        torch.zeros(8, dtype=torch.float64))
+                        cols = torch.arange(w0, w0 + 8)
+                        cin = cols < W  # load_row8 (and load8 of a full unit): zeros past W
+                        dyv = torch.zeros(8, dtype=torch.float64)
+                        zv = torch.zeros(8, dtype=torch.float64)
+                        dyv[cin] = fdy[dyr + cols[cin] * dsw]
+                        zv[cin] = fz[zr + cols[cin] * zsw]
+                        d = dz_of_stub(dyv, zv)
+                        if w0 + 8 > W:  # not full: the select
+                            d = torch.where(cin, d, torch.zeros(8, dtype=torch.float64))
                         sdz[lane] += d.sum()
-                        off = dzbase + h * wp + w0
-                        assert off % 4 == 0 and off + 8 <= dzbase + (h + 1) * wp, "a 16-byte store leaves its row"
+                        off = dzo + w0
+                        assert off % 8 == 0 and off + 8 <= ((n * C + c) * H + h + 1) * wp, \
+                            "a 16-byte store misaligned or leaving its row"
                         scratch[off:off + 8] = d
                         writes[off:off + 8] += 1
                         w0 += 256
                     h += rows_it
+                    dyr += rows_it * dsh
+                    zr += rows_it * zsh
+                    dzo += rows_it * wp
         psum[grp, c] = sdz.sum()
     return scratch, writes, psum
 
@@ -296,20 +305,21 @@ def strided(t, kind):
     return v
 
 
-# (shape, k, images per group, view of dy and z): W % 8 != 0 (padding columns), W > 256 (one
-# row per lane step), a partial last group, k wider than the plane, strided views
-DZ_CASES = [((3, 2, 9, 13), 5, 2, "contiguous"), ((2, 3, 7, 5), 15, 1, "w_step2"),
-            ((1, 2, 34, 37), 11, 1, "transposed"), ((3, 1, 3, 263), 3, 3, "channel_slice"),
-            ((2, 3, 5, 40), 7, 2, "channels_last")]
+# (shape, k, images per group, views of dy and z): W % 8 != 0 (padding columns), W > 256 (one
+# row per lane step), a partial last group, k wider than the plane, strided views (dy and z
+# of different kinds: each read through its own strides)
+DZ_CASES = [((3, 2, 9, 13), 5, 2, ("contiguous", "w_step2")), ((2, 3, 7, 5), 15, 1, ("w_step2", "transposed")),
+            ((1, 2, 34, 37), 11, 1, ("transposed", "contiguous")), ((3, 1, 3, 263), 3, 3, ("channel_slice", "w_step2")),
+            ((2, 3, 5, 40), 7, 2, ("channels_last", "channel_slice"))]
 
 
-@pytest.mark.parametrize("shape,k,group,kind", DZ_CASES, ids=str)
-def test_generic_dz_scratch(shape, k, group, kind):
+@pytest.mark.parametrize("shape,k,group,kinds", DZ_CASES, ids=str)
+def test_generic_dz_scratch(shape, k, group, kinds):
     torch.manual_seed(1)
     N, C, H, W = shape
     dy = torch.randn(shape, dtype=torch.float64)
     z = torch.randn(shape, dtype=torch.float64)
-    scratch, writes, psum = dz_pass(strided(dy, kind), strided(z, kind), group)
+    scratch, writes, psum = dz_pass(strided(dy, kinds[0]), strided(z, kinds[1]), group)
     wp = (W + 7) // 8 * 8
     assert bool((writes == 1).all()), "a scratch element written never or more than once"
     s4 = scratch.view(N, C, H, wp)

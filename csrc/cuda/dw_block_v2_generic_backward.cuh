@@ -81,27 +81,39 @@ __global__ void __launch_bounds__(THREADS_G, 4) gen_dz_kernel(const GenDzArgs<T>
   const int upr = (a.W + 7) / 8;
   const int rows_it = upr <= 32 ? 32 / upr : 1;
   const int ro = upr <= 32 ? lane / upr : 0, u0 = upr <= 32 ? lane - ro * upr : lane;
+  const bool vec = a.vdy.vec && a.vz.vec;  // 16-byte loads of whole units
+  const int h_first = ro < rows_it ? ro : a.H;
+  // row pointers advanced by rows_it rows per step (no 64-bit products in the loop)
+  const int64_t dystep = rows_it * a.vdy.sh, zstep = rows_it * a.vz.sh, dzstep = static_cast<int64_t>(rows_it) * a.wp;
 #pragma unroll 1
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t dybase = n * a.vdy.sn + c * a.vdy.sc, zbase = n * a.vz.sn + c * a.vz.sc;
-    const int64_t dzbase = (n * a.C + c) * a.H * a.wp;
+    const T* dyr = a.dy + (n * a.vdy.sn + c * a.vdy.sc + h_first * a.vdy.sh);
+    const T* zr = a.z + (n * a.vz.sn + c * a.vz.sc + h_first * a.vz.sh);
+    int64_t dzo = ((n * a.C + c) * a.H + h_first) * a.wp;  // an offset: dz may be null
 #pragma unroll 1
-    for (int h = ro < rows_it ? ro : a.H; h < a.H; h += rows_it) {
-      const T* dyr = a.dy + dybase + static_cast<int64_t>(h) * a.vdy.sh;
-      const T* zr = a.z + zbase + static_cast<int64_t>(h) * a.vz.sh;
+    for (int h = h_first; h < a.H; h += rows_it, dyr += dystep, zr += zstep, dzo += dzstep) {
 #pragma unroll 1
       for (int w0 = u0 * 8; w0 < a.W; w0 += 256) {
         float dyv[8], zv[8], d[8], xh[8];
-        load_row8<T>(dyr, a.vdy, w0, a.W, dyv);
-        load_row8<T>(zr, a.vz, w0, a.W, zv);
-        // dz for all 8 (dy = z = 0 past W: finite), then a select: the padding columns get 0
+        const bool full = w0 + 8 <= a.W;
+        if (vec && full) {
+          load8<T>(dyr + w0, dyv);
+          load8<T>(zr + w0, zv);
+        } else {
+          load_row8<T>(dyr, a.vdy, w0, a.W, dyv);
+          load_row8<T>(zr, a.vz, w0, a.W, zv);
+        }
 #pragma unroll
         for (int cc = 0; cc < 8; ++cc) {
           xh[cc] = 0.0f;
-          const float dv = v2b::dz_of<ACT>(zv[cc], dyv[cc], ch, a.train, xh[cc]);
-          d[cc] = w0 + cc < a.W ? dv : 0.0f;
-          sdz += d[cc];
+          d[cc] = v2b::dz_of<ACT>(zv[cc], dyv[cc], ch, a.train, xh[cc]);
         }
+        if (!full) {  // the row's last unit: dz of dy = z = 0 past W is finite, not 0: select
+#pragma unroll
+          for (int cc = 0; cc < 8; ++cc) d[cc] = w0 + cc < a.W ? d[cc] : 0.0f;
+        }
+#pragma unroll
+        for (int cc = 0; cc < 8; ++cc) sdz += d[cc];
         if (a.need_stats) {  // eval: dy = 0 past W adds 0
 #pragma unroll
           for (int cc = 0; cc < 8; ++cc) {
@@ -110,7 +122,7 @@ __global__ void __launch_bounds__(THREADS_G, 4) gen_dz_kernel(const GenDzArgs<T>
           }
         }
         if (a.dz != nullptr) {
-          float4* dst = reinterpret_cast<float4*>(a.dz + dzbase + static_cast<int64_t>(h) * a.wp + w0);
+          float4* dst = reinterpret_cast<float4*>(a.dz) + ((dzo + w0) >> 2);  // dzo, w0 multiples of 8
           dst[0] = make_float4(d[0], d[1], d[2], d[3]);
           dst[1] = make_float4(d[4], d[5], d[6], d[7]);
         }
