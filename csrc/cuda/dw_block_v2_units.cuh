@@ -118,7 +118,11 @@ struct ChanStats {
 // Channel c's batch mean and biased variance from its combined statistics, stored with the
 // normalisation's per-channel terms, as the eval kernels hoist them: scale = bn_w / sqrt(var +
 // eps) (correctly rounded steps), shift = bn_b - mean * scale (bn_w, bn_b nullable: 1 and 0).
-__device__ __forceinline__ void finalize_channel(const ChanStats& s, int64_t c, const float* bnw, const float* bnb,
+// A template (Stats = ChanStats): as a plain function it was compiled into every file that
+// includes this header, and that alone changed the register allocation of bwd_kernel
+// (dw_block_v2_backward.cu) in one instantiation; as a template only its users get it.
+template <typename Stats>
+__device__ __forceinline__ void finalize_channel(const Stats& s, int64_t c, const float* bnw, const float* bnb,
                                                  float eps, float* mean_out, float* var_out, float* scale_out,
                                                  float* shift_out) {
   const float mean = static_cast<float>(s.mu), var = static_cast<float>(s.m2 / s.n);
