@@ -7,7 +7,7 @@ csrc/cuda/dw_block_v2_cl.cu (the channels_last eval and train forwards: cl_eval_
 cl_train_kernel, cl_finalize_kernel, cl_norm_kernel), csrc/cuda/dw_block_v2_cl_backward.cu
 (the channels_last backward: cl_elem_kernel, cl_dgrad_kernel, cl_wgrad_kernel, cl_colsum_kernel)
 and csrc/cuda/dw_block_v2_generic.cu (the generic NCHW path: gen_eval_kernel, gen_train_kernel,
-gen_bwd_kernel, gen_stats_kernel, gen_norm_kernel, gen_finalize_kernel; all in
+gen_bwd_kernel, gen_stats_kernel, gen_dz_kernel, gen_norm_kernel, gen_finalize_kernel; all in
 docs/cuda-depthwise.md) are compiled to cubins for sm_80 and sm_90 with ``nvcc -Xptxas -v``;
 the test fails on a compile error, on any register spill (ptxas' "spill stores" / "spill
 loads" not zero), when a v2 tile kernel needs more than 128 registers (the occupancy the
@@ -99,13 +99,14 @@ V2_CLB_KERNELS = {  # channels_last backward (dw_block_v2_cl_backward.cu), as V2
     "cl_elem_kernel": (12, 12),  # 3 dtypes x {stats, dz, both} x {train, eval} as launched: 4 per dtype
     "cl_colsum_kernel": (1, 1),
 }
-# dw_block_v2_generic.cu: run-time k (one instantiation per dtype, gen_bwd_kernel also per
-# activation; sm_80: bfloat16 only)
+# dw_block_v2_generic.cu: run-time k (one instantiation per dtype; gen_stats_kernel and
+# gen_dz_kernel also per activation; sm_80: bfloat16 only)
 V2_GENERIC_KERNELS = {  # kernel -> (count at sm_90, count with CONVMIXER_DW_V2_ONLY_K9_BF16)
     "gen_eval_kernel": (3, 1),
     "gen_train_kernel": (3, 1),
-    "gen_bwd_kernel": (9, 3),  # x 3 activations (template constant)
-    "gen_stats_kernel": (9, 3),  # x 3 activations
+    "gen_bwd_kernel": (3, 1),
+    "gen_stats_kernel": (9, 3),  # x 3 activations (template constant)
+    "gen_dz_kernel": (9, 3),  # x 3 activations
     "gen_norm_kernel": (3, 1),
     "gen_finalize_kernel": (1, 1),
 }

@@ -818,12 +818,26 @@ def test_v2_generic_strided_backward(shape, k, dtype, kind, training, monkeypatc
 
 
 @pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
-                                  [True, True, False, True, False], [False, True, False, False, False]],
+                                  [True, True, False, True, False], [False, True, False, False, False],
+                                  [False, False, True, True, True], [False, False, True, False, False]],
                          ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_v2_generic_backward_output_mask(mask, training, monkeypatch):
+    """Every subset of gradients; without dx and dweight only the dz pass runs (no dz scratch,
+    no gen_bwd_kernel)."""
     monkeypatch.setenv(SWITCH, "1")
     backward_both(backward_args((2, 5, 33, 40), 11, torch.float32, training, True, mask=mask))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,k", [((3, 2, 9, 13), 11), ((1, 2, 3, 263), 3), ((2, 3, 45, 70), 7)], ids=str)
+def test_v2_generic_backward_dz_scratch_rows(shape, k, dtype, training, monkeypatch):
+    """The dz scratch's rows padded to a multiple of 8 columns (W = 13, 263, 70: the padding
+    columns hold 0 and the staging reads them as the zeros outside the image) and a row of more
+    than 32 units (W = 263: one row per lane step in gen_dz_kernel)."""
+    monkeypatch.setenv(SWITCH, "1")
+    backward_both(backward_args(shape, k, dtype, training, True))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -372,26 +372,15 @@ struct V2FinalizeArgs {
 __global__ void __launch_bounds__(256) finalize_kernel(const V2FinalizeArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= a.C) return;
-  double mu = 0.0, m2 = 0.0, n_acc = 0.0;
+  ChanStats s;
   const int64_t tiles = a.N * a.tiles_h;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t th = t % a.tiles_h;
     const int64_t rows = a.H - th * a.TR < a.TR ? a.H - th * a.TR : a.TR;
-    const double nb = static_cast<double>(rows * a.W);
-    const double mb = a.pmean[t * a.C + c], m2b = a.pm2[t * a.C + c];
-    const double tot = n_acc + nb, delta = mb - mu;
-    mu += delta * nb / tot;
-    m2 += m2b + delta * delta * n_acc * nb / tot;
-    n_acc = tot;
+    s.add(static_cast<double>(rows * a.W), a.pmean[t * a.C + c], a.pm2[t * a.C + c]);
   }
-  const float mean = static_cast<float>(mu), var = static_cast<float>(m2 / n_acc);
-  a.mean[c] = mean;
-  a.var[c] = var;
   // As eval_kernel: scale = bn_w / sqrt(var + eps) (correctly rounded steps), shift = bn_b - mean * scale.
-  const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
-  const float scale = inv_std(var, a.eps) * bw;
-  a.scale[c] = scale;
-  a.shift[c] = fmaf(-mean, scale, bb);
+  finalize_channel(s, c, a.bnw, a.bnb, a.eps, a.mean, a.var, a.scale, a.shift);
 }
 
 template <typename T>

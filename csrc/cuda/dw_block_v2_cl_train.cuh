@@ -22,6 +22,7 @@
 #pragma once
 
 #include "dw_block_v2_cl.cuh"
+#include "dw_block_v2_units.cuh"  // ChanStats, finalize_channel
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -124,23 +125,10 @@ struct ClFinalizeArgs {
 __global__ void __launch_bounds__(256) cl_finalize_kernel(const ClFinalizeArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= a.C) return;
-  double mu = 0.0, m2 = 0.0, n_acc = 0.0;
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const double nb = a.pcnt[r];
-    const double mb = a.pmean[r * a.C + c], m2b = a.pm2[r * a.C + c];
-    const double tot = n_acc + nb, delta = mb - mu;
-    mu += delta * nb / tot;
-    m2 += m2b + delta * delta * n_acc * nb / tot;
-    n_acc = tot;
-  }
-  const float mean = static_cast<float>(mu), var = static_cast<float>(m2 / n_acc);
-  a.mean[c] = mean;
-  a.var[c] = var;
+  v2_units::ChanStats s;
+  for (int64_t r = 0; r < a.rows; ++r) s.add(a.pcnt[r], a.pmean[r * a.C + c], a.pm2[r * a.C + c]);
   // As the eval kernels: scale = bn_w / sqrt(var + eps) (correctly rounded steps), shift = bn_b - mean * scale.
-  const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
-  const float scale = inv_std(var, a.eps) * bw;
-  a.scale[c] = scale;
-  a.shift[c] = fmaf(-mean, scale, bb);
+  v2_units::finalize_channel(s, c, a.bnw, a.bnb, a.eps, a.mean, a.var, a.scale, a.shift);
 }
 
 constexpr int NP = 16;  // pixels per warp item of cl_norm_kernel

@@ -4,9 +4,9 @@
 // cover (k > 9, W > 32, strided views; channels_last x with C % 4 != 0, a misaligned pointer or
 // k > 9); docs/cuda-depthwise.md "v2 generic NCHW path".
 //
-// Instantiations, per dtype (float32, bfloat16, float16): gen_eval_kernel and gen_train_kernel
-// with a run-time k (KC = 0), gen_norm_kernel, and per activation gen_bwd_kernel (KC = 0) and
-// gen_stats_kernel; gen_finalize_kernel once. -DCONVMIXER_DW_V2_ONLY_K9_BF16 (compile checks
+// Instantiations, per dtype (float32, bfloat16, float16): gen_eval_kernel, gen_train_kernel and
+// gen_bwd_kernel with a run-time k (KC = 0), gen_norm_kernel, and per activation gen_stats_kernel
+// and gen_dz_kernel; gen_finalize_kernel once. -DCONVMIXER_DW_V2_ONLY_K9_BF16 (compile checks
 // only) keeps the bfloat16 ones.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -68,7 +68,7 @@ size_t fwd_smem(int k) { return sizeof(float) * v2g::WARPS * v2g::Geo::of(k).wfl
 
 size_t bwd_smem(int k) {
   const v2g::Geo g = v2g::Geo::of(k);
-  return sizeof(float) * v2g::WARPS * (g.wfloats + g.k * g.kp + 32 * v2g::XS + 8 + 128);
+  return sizeof(float) * v2g::WARPS * (g.wfloats + g.k * g.kp + 32 * v2g::XS + 128);
 }
 
 template <typename T>
@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
               "dw_block v2 generic backward: call not covered");
   TORCH_CHECK(need_dx || need_dw || need_db, "dw_block v2 generic backward: no convolution gradient asked for");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t kk = k * k, S = kk + 3;
+  const int64_t kk = k * k;
   const double count = static_cast<double>(N * H * W);
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
@@ -287,8 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
   CONVMIXER_DW_V2G_DISPATCH(x.scalar_type(), "dw_block_v2_generic_backward", [&] {
     using T = scalar_t;
     const size_t smem = bwd_smem(static_cast<int>(k));
-    auto* bwd = act == kGelu ? v2g::gen_bwd_kernel<T, 0, kGelu>
-                : act == kGeluTanh ? v2g::gen_bwd_kernel<T, 0, kGeluTanh> : v2g::gen_bwd_kernel<T, 0, kRelu>;
+    auto* bwd = v2g::gen_bwd_kernel<T, 0>;
     const int64_t group = bwd_group(N, C, bwd, smem), groups = cdiv_g(N, group);
     TORCH_CHECK(groups * C < std::numeric_limits<int32_t>::max(), "dw_block v2 generic backward: C = ", C,
                 " is too large (groups x C must stay below 2^31)");
@@ -330,47 +329,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_block_
       launch_chan_g(fa);
     }
 
-    at::Tensor part = at::empty({groups, C, S}, fopt);
+    // dz once per element (float32 scratch, rows padded to a multiple of 8 columns) and the
+    // per-group sums of dz (and, in eval, of dy and dy * xhat); the scratch only when the
+    // convolution gradients need it
+    const bool conv_grads = need_dx || need_dw;
+    const int64_t wp = (W + 7) / 8 * 8;
+    const at::Tensor dzs = conv_grads ? at::empty({N, C, H, wp}, fopt) : at::Tensor();
+    const at::Tensor psum = at::empty({groups, C, 3}, fopt);
+    v2g::GenDzArgs<T> da{};
+    da.dy = grad_out.data_ptr<T>();
+    da.vdy = view_of(grad_out);
+    da.z = z.data_ptr<T>();
+    da.vz = view_of(z);
+    da.dz = conv_grads ? dzs.data_ptr<float>() : nullptr;
+    da.mean = mean.data_ptr<float>();
+    da.inv = inv.data_ptr<float>();
+    da.bnw = ptr_or_null_g(bnw);
+    da.mg = use_batch_stats ? mg.data_ptr<float>() : nullptr;
+    da.mgx = use_batch_stats ? mgx.data_ptr<float>() : nullptr;
+    da.psum = psum.data_ptr<float>();
+    da.C = static_cast<int>(C);
+    da.H = static_cast<int>(H);
+    da.W = static_cast<int>(W);
+    da.wp = static_cast<int>(wp);
+    da.N = N;
+    da.group = group;
+    da.warps = groups * C;
+    da.train = use_batch_stats;
+    da.need_stats = !use_batch_stats && (need_dbnw || need_dbnb);
+    switch (act) {
+      case kGelu: launch_g(v2g::gen_dz_kernel<T, kGelu>, da.warps, 0, da); break;
+      case kGeluTanh: launch_g(v2g::gen_dz_kernel<T, kGeluTanh>, da.warps, 0, da); break;
+      default: launch_g(v2g::gen_dz_kernel<T, kRelu>, da.warps, 0, da); break;
+    }
+    const at::Tensor sums = colsum_g(psum).view({C, 3});
+    if (need_db) dbias = sums.select(1, 0).to(weight.scalar_type()).contiguous();
+    if (!use_batch_stats) {
+      if (need_dbnb) dbnb = sums.select(1, 1).to(at::kFloat).contiguous();
+      if (need_dbnw) dbnw = sums.select(1, 2).to(at::kFloat).contiguous();
+    }
+    if (!conv_grads) return;
+
+    at::Tensor part = at::empty({groups, C, kk}, fopt);
     v2g::GenBwdArgs<T> a{};
     a.x = x.data_ptr<T>();
     a.vx = view_of(x);
     a.dy = grad_out.data_ptr<T>();
     a.vdy = view_of(grad_out);
-    a.z = z.data_ptr<T>();
-    a.vz = view_of(z);
+    a.dz = dzs.data_ptr<float>();
     a.dx = need_dx ? dx.data_ptr<T>() : nullptr;
     a.dxvec = need_dx && !dxcl && W % 8 == 0 && aligned16_g(dx.data_ptr());
     a.dxcl = dxcl;
     a.wt = wt.data_ptr<float>();
-    a.mean = mean.data_ptr<float>();
-    a.inv = inv.data_ptr<float>();
-    a.bnw = ptr_or_null_g(bnw);
-    a.mg = use_batch_stats ? mg.data_ptr<float>() : nullptr;
-    a.mgx = use_batch_stats ? mgx.data_ptr<float>() : nullptr;
     a.part = part.data_ptr<float>();
-    a.act = act;
     a.k = static_cast<int>(k);
     a.C = static_cast<int>(C);
     a.H = static_cast<int>(H);
     a.W = static_cast<int>(W);
+    a.wp = static_cast<int>(wp);
     a.tiles_h = static_cast<int>(cdiv_g(H, v2g::TR));
     a.tiles_w = static_cast<int>(cdiv_g(W, v2g::TC));
     a.N = N;
     a.group = group;
     a.warps = groups * C;
-    a.train = use_batch_stats;
     a.need_dx = need_dx;
     a.need_dw = need_dw;
-    a.need_stats = !use_batch_stats && (need_dbnw || need_dbnb);
     launch_g(bwd, a.warps, smem, a);
-
-    const at::Tensor sums = colsum_g(part).view({C, S});
-    if (need_dw) dweight = sums.narrow(1, 0, kk).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
-    if (need_db) dbias = sums.select(1, kk).to(weight.scalar_type()).contiguous();
-    if (!use_batch_stats) {
-      if (need_dbnb) dbnb = sums.select(1, kk + 1).to(at::kFloat).contiguous();
-      if (need_dbnw) dbnw = sums.select(1, kk + 2).to(at::kFloat).contiguous();
-    }
+    if (need_dw) dweight = colsum_g(part).view({C, kk}).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
   });
   return {dx, dweight, dbias, dbnw, dbnb};
 }

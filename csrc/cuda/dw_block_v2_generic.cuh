@@ -441,29 +441,18 @@ struct GenFinalizeArgs {
 __global__ void __launch_bounds__(256) gen_finalize_kernel(const GenFinalizeArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= a.C) return;
-  double mu = 0.0, m2 = 0.0, n_acc = 0.0;
+  ChanStats s;
   for (int64_t n = 0; n < a.N; ++n) {
     for (int th = 0; th < a.tiles_h; ++th) {
       const int rows = a.H - th * TR < TR ? a.H - th * TR : TR;
       for (int tw = 0; tw < a.tiles_w; ++tw) {
         const int cols = a.W - tw * TC < TC ? a.W - tw * TC : TC;
         const int64_t t = (n * a.tiles_h + th) * a.tiles_w + tw;
-        const double nb = static_cast<double>(rows) * cols;
-        const double mb = a.pmean[t * a.C + c], m2b = a.pm2[t * a.C + c];
-        const double tot = n_acc + nb, delta = mb - mu;
-        mu += delta * nb / tot;
-        m2 += m2b + delta * delta * n_acc * nb / tot;
-        n_acc = tot;
+        s.add(static_cast<double>(rows) * cols, a.pmean[t * a.C + c], a.pm2[t * a.C + c]);
       }
     }
   }
-  const float mean = static_cast<float>(mu), var = static_cast<float>(m2 / n_acc);
-  a.mean[c] = mean;
-  a.var[c] = var;
-  const float bw = a.bnw != nullptr ? a.bnw[c] : 1.0f, bb = a.bnb != nullptr ? a.bnb[c] : 0.0f;
-  const float scale = inv_std(var, a.eps) * bw;
-  a.scale[c] = scale;
-  a.shift[c] = fmaf(-mean, scale, bb);
+  finalize_channel(s, c, a.bnw, a.bnb, a.eps, a.mean, a.var, a.scale, a.shift);
 }
 
 // out = x + act(z) * scale + shift; z, out contiguous NCHW or both channels_last-contiguous (ocl)

@@ -1,6 +1,9 @@
 // The 8-element row units and the sub-warp sum shared by the v2 depthwise kernels
 // (dw_block_v2.cuh, dw_block_v2_backward.cuh; docs/cuda-depthwise.md): 16-byte loads
-// converted to float32 once, stores rounded to the storage type, a fixed-order butterfly sum.
+// converted to float32 once, stores rounded to the storage type, a fixed-order butterfly sum;
+// and the per-channel body of the training forwards' finalize kernels (finalize_kernel,
+// cl_finalize_kernel, gen_finalize_kernel): Chan's combination of partial statistics in double
+// and the batch mean, variance and normalisation terms.
 // Each kernel file includes it into its own translation unit (an unnamed namespace).
 #pragma once
 
@@ -96,6 +99,39 @@ __device__ __forceinline__ float subwarp_sum(float v) {
 #pragma unroll
   for (int m = SUB / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
+}
+
+// Chan's parallel combination, in double, of one channel's partial statistics: the running
+// (count n, mean mu, M2 m2) absorbs a partial of nb values with mean mb and M2 m2b. The three
+// finalize kernels combine their partials (tiles of rows, 2-D tiles, block rows: each kernel
+// its own counts and order) through it, so the arithmetic and its order are one.
+struct ChanStats {
+  double mu = 0.0, m2 = 0.0, n = 0.0;
+  __device__ __forceinline__ void add(double nb, double mb, double m2b) {
+    const double tot = n + nb, delta = mb - mu;
+    mu += delta * nb / tot;
+    m2 += m2b + delta * delta * n * nb / tot;
+    n = tot;
+  }
+};
+
+// Channel c's batch mean and biased variance from its combined statistics, stored with the
+// normalisation's per-channel terms, as the eval kernels hoist them: scale = bn_w / sqrt(var +
+// eps) (correctly rounded steps), shift = bn_b - mean * scale (bn_w, bn_b nullable: 1 and 0).
+// A template (Stats = ChanStats): as a plain function it was compiled into every file that
+// includes this header, and that alone changed the register allocation of bwd_kernel
+// (dw_block_v2_backward.cu) in one instantiation; as a template only its users get it.
+template <typename Stats>
+__device__ __forceinline__ void finalize_channel(const Stats& s, int64_t c, const float* bnw, const float* bnb,
+                                                 float eps, float* mean_out, float* var_out, float* scale_out,
+                                                 float* shift_out) {
+  const float mean = static_cast<float>(s.mu), var = static_cast<float>(s.m2 / s.n);
+  mean_out[c] = mean;
+  var_out[c] = var;
+  const float bw = bnw != nullptr ? bnw[c] : 1.0f, bb = bnb != nullptr ? bnb[c] : 0.0f;
+  const float scale = inv_std(var, eps) * bw;
+  scale_out[c] = scale;
+  shift_out[c] = fmaf(-mean, scale, bb);
 }
 
 }  // namespace
