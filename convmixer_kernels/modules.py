@@ -16,9 +16,10 @@ and two training options, set per module or on a whole model:
 
 The modules with a pointwise or patch GEMM (``PointwiseBlock``, ``PatchEmbed``,
 ``ConvMixerLayer``'s pointwise part) also have ``memory_format``, their output layout:
-``torch.channels_last`` (class default), ``torch.contiguous_format`` (NCHW), or
-None/``torch.preserve_format`` (follow the input's layout); see
-``convmixer_kernels.functional``. ``DepthwiseBlock``'s output follows its input's layout.
+None (class default: the layout the stock modules return, whichever backend runs, see
+``stock_layout``), ``torch.channels_last``, ``torch.contiguous_format`` (NCHW) or
+``torch.preserve_format`` (follow the input's layout); ``ConvMixer`` sets channels_last on
+its blocks. ``DepthwiseBlock``'s output follows its input's layout.
 """
 from __future__ import annotations
 
@@ -80,9 +81,24 @@ class FusedOptions(_PickleState):
 
 class OutputLayout:
     """The output layout option of the GEMM-block modules (class default; set on instances
-    or through ``ConvMixer.memory_format``)."""
+    or through ``ConvMixer.memory_format``). None: the stock modules' layout for the input
+    (``stock_layout``), so a converted model's layouts do not depend on which backend
+    ``auto`` picked on a machine."""
 
-    memory_format: Optional[torch.memory_format] = torch.channels_last
+    memory_format: Optional[torch.memory_format] = None
+
+
+def _suggests_cl(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def stock_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout of ``conv2d(x, weight)`` as torch returns it on the CPU (oneDNN and its
+    fallback) and with cuDNN: channels_last where x or the weight is laid out
+    channels_last, else contiguous. A 1x1 weight is both, and counts as contiguous."""
+    if x.dim() == 4 and (_suggests_cl(x) or _suggests_cl(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 _SPEC_OF = {functional.dw_block: DW_BLOCK, functional.pw_block: PW_BLOCK,
@@ -197,9 +213,9 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
     output as they return it) or a ``torch.memory_format`` (the stock child modules, their
     output laid out in it). The stock children run where the backend chosen for this input
     is ``native`` (explicitly, or by ``auto``'s tuning table); their output keeps the stock
-    layout unless ``memory_format`` was set on this module (``ConvMixer`` sets it on its
-    blocks): converting a converted stock model's outputs to the class default would cost
-    a copy the stock model does not make (2x on a CPU pw_block). The answer is kept per
+    layout unless the module's ``memory_format`` is not None (``ConvMixer`` sets it on its
+    blocks), as the kernels' output does (``run_fused`` resolves None to ``stock_layout``).
+    The answer is kept per
     module and input signature (shape, strides, dtype, device, mode, options), so a
     repeated call costs one key and a dict lookup."""
     if (not isinstance(x, Tensor) or owner.sync_bn or torch.compiler.is_compiling()
@@ -214,9 +230,9 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
     train = bn.training or (bn.running_mean is None and bn.running_var is None) or (
         grad and (x.requires_grad or conv.weight.requires_grad))
     mode = backends.block_mode(train, grad and x.requires_grad)
-    fmt = layout.get("memory_format", _KEEP) if "memory_format" in owner.__dict__ else _KEEP
+    fmt = _KEEP if getattr(owner, "memory_format", None) is None else layout.get("memory_format", _KEEP)
     key = (id(conv), x.shape, x.stride(), x.dtype, x.device, mode, bn.eps, owner.backend,
-           backends.env_backend(), backends.generation(), fmt)
+           backends.env_backend(), backends.generation(), fmt, conv.weight.stride())
     routes = owner.__dict__.get("_ck_routes")
     if routes is None or len(routes) > 64:
         routes = owner.__dict__["_ck_routes"] = {}
@@ -350,8 +366,12 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
         reason = None  # a rank's empty share of a synchronized batch: it must join the all-reduce
     if reason is None:
         reason = _geometry_reason(spec, conv)
+    if reason is not None and reason in _AS_STOCK:
+        return _run_stock(spec, x, conv, act, bn, None)
+    if layout and layout["memory_format"] is None and isinstance(x, Tensor):
+        layout = {"memory_format": stock_layout(x, conv.weight)}  # the module's default
     if reason is not None:
-        return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
+        return _run_stock(spec, x, conv, act, bn, layout)
     route = _native_route(spec, x, conv, act, bn, owner, layout)
     if route is _FUSED:
         return _run_functional(fn, x, conv, act, bn, owner, layout)
@@ -501,7 +521,7 @@ class DepthwiseBlock(FusedOptions, nn.Module):
 
 class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
     """Sequential(conv, act, BN) run as one fused op (keys ``0.*`` and ``2.*`` as timm's),
-    its output in ``memory_format`` (channels_last by default)."""
+    its output in ``memory_format`` (None by default: the stock modules' layout)."""
 
     _fn: Callable[..., Tensor]
 
@@ -513,7 +533,7 @@ class _FusedTriple(FusedOptions, OutputLayout, nn.Sequential):
 
 class PointwiseBlock(_FusedTriple):
     """BN(act(conv1x1(x) + b)): x (N, in_dim, H, W) -> (N, out_dim, H, W), in
-    ``memory_format`` (channels_last by default)."""
+    ``memory_format`` (None by default: the stock modules' layout)."""
 
     _fn = staticmethod(functional.pw_block)
 
@@ -530,7 +550,7 @@ class PointwiseBlock(_FusedTriple):
 
 class PatchEmbed(_FusedTriple):
     """BN(act(conv_p_stride_p(img) + b)): img (N, in_chans, H, W) -> (N, dim, H // p, W // p),
-    in ``memory_format`` (channels_last by default)."""
+    in ``memory_format`` (None by default: the stock modules' layout)."""
 
     _fn = staticmethod(functional.patch_embed)
 
@@ -551,7 +571,7 @@ class ConvMixerLayer(FusedOptions, OutputLayout, nn.Sequential):
 
     Children as timm's layer: ``0`` DepthwiseBlock (``0.fn.*``), ``1`` 1x1 conv,
     ``2`` act, ``3`` BN. x (N, dim, H, W) -> (N, dim, H, W), in ``memory_format`` (the
-    pointwise block's output layout, channels_last by default).
+    pointwise block's output layout; None by default: the stock modules' layout).
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",

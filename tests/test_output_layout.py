@@ -12,6 +12,7 @@ ValueError naming the argument.
 """
 from __future__ import annotations
 
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -198,15 +199,22 @@ def test_dw_block_follows_its_input(layout):
 
 
 def test_modules_memory_format():
-    """PointwiseBlock/PatchEmbed/ConvMixerLayer default to channels_last; the attribute
-    changes it; ConvMixer(memory_format=...) sets it on its blocks, also later."""
+    """PointwiseBlock/PatchEmbed/ConvMixerLayer default to the stock modules' layout with
+    every backend (a converted model's layouts must not depend on what ``auto`` picked);
+    the attribute changes it; ConvMixer(memory_format=...) sets it on its blocks, also
+    later."""
     x = make_input((2, 4, 6, 6), torch.float32, "nchw")
     for m in (ck.PointwiseBlock(4, 5), ck.PatchEmbed(4, 5, 2), ck.ConvMixerLayer(4, 3)):
         m.eval()
-        ck.set_backend(m, "native")  # the stock path keeps the stock layout by default
-        assert_layout(m(x), torch.contiguous_format)
+        assert m.memory_format is None
+        conv = m[1] if isinstance(m, ck.ConvMixerLayer) else m[0]  # (the depthwise block keeps x's layout)
+        for backend in ("native", "reference", "cpu"):
+            ck.set_backend(m, backend)
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                with torch.no_grad():
+                    assert_layout(m(inp), stock_conv_layout(inp, conv))
         ck.set_backend(m, "reference")
-        assert m.memory_format == torch.channels_last
+        m.memory_format = torch.channels_last
         assert_layout(m(x), torch.channels_last)
         m.memory_format = torch.contiguous_format
         assert_layout(m(x.contiguous(memory_format=torch.channels_last)), torch.contiguous_format)
@@ -215,6 +223,22 @@ def test_modules_memory_format():
         ck.set_backend(m, "native")  # set on the module: the stock path follows it too
         m.memory_format = torch.channels_last
         assert_layout(m(x), torch.channels_last)
+    # a channels_last weight with an NCHW input: the stock conv writes channels_last (p > 1)
+    for backend in ("native", "reference", "cpu"):
+        m = ck.PatchEmbed(4, 5, 2).eval()
+        m.to(memory_format=torch.channels_last)
+        ck.set_backend(m, backend)
+        assert stock_conv_layout(x, m[0]) == torch.channels_last
+        with torch.no_grad():
+            assert_layout(m(x), torch.channels_last)
+
+
+def stock_conv_layout(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.memory_format:
+    """The layout torch's own convolution returns for x (what the stock modules return)."""
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride)
+    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
     model = ck.ConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=3,
                          memory_format=torch.contiguous_format)
     blocks = [model.stem, *model.blocks]
