@@ -262,3 +262,34 @@ def test_tune_ops_keeps_the_other_ops_entries(dirs, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--ops"):
         tune.run_args(tune.add_arguments(argparse.ArgumentParser()).parse_args(
             ["--device", "cpu", "--out", str(out), "--ops", "conv"]))
+
+
+def test_tune_confirms_a_close_win_before_keeping_it(dirs):
+    """A kernel of ours that beats native by less than CONFIRM_WITHIN is timed again after
+    the first pass and kept only if it wins again; a clear win is timed once."""
+    from unittest import mock
+
+    from convmixer_kernels.tools import tune
+
+    sigs = [("pw_block", "eval", "float32", "contiguous", "gelu", (2, 8, 6, 6), 1, 8),
+            ("pw_block", "eval", "float32", "channels_last", "gelu", (2, 8, 6, 6), 1, 8),
+            ("dw_block", "eval", "float32", "contiguous", "gelu", (2, 8, 6, 6), 3, 8)]
+    # first pass: close win, close win, clear win; second pass (close ones only, in order):
+    # native wins the first, ours wins the second again
+    scripted = iter([{"native": 1.10, "cpu": 1.00}, {"native": 1.10, "cpu": 1.00},
+                     {"native": 3.00, "cpu": 1.00},
+                     {"native": 1.00, "cpu": 1.05}, {"native": 1.20, "cpu": 1.00}])
+    calls = []
+
+    def fake_measure(fns, device, repeats, min_s):
+        calls.append(sorted(fns))
+        return next(scripted)
+
+    with mock_signatures(tune, sigs), mock.patch.object(tune, "_measure", fake_measure):
+        t = tune.tune(torch.device("cpu"), ["float32"], False, repeats=1, min_s=0.0, margin=0.03,
+                      log=lambda s: None)
+    assert len(calls) == 5  # three first-pass timings, two confirmations
+    assert [e["best"] for e in t["entries"]] == ["native", "cpu", "cpu"]
+    assert t["entries"][0]["ms"] == {"native": 1.05, "cpu": 1.025}  # the two passes' mean
+    assert t["entries"][2]["ms"] == {"native": 3.0, "cpu": 1.0}
+    tuning.validate(t)

@@ -180,6 +180,18 @@ def candidates(op: str, x: torch.Tensor) -> list[str]:
     return out
 
 
+# A kernel of ours that beats native by less than this is timed twice (tune's second pass).
+CONFIRM_WITHIN = 0.25
+
+
+def _pick(ms: dict, margin: float) -> str:
+    """The fastest candidate, or native where it is within ``margin`` of the fastest."""
+    fastest = min(ms, key=ms.get)
+    if fastest != "native" and "native" in ms and ms["native"] < ms[fastest] * (1 + margin):
+        return "native"
+    return fastest
+
+
 def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_s: float,
          margin: float, log=print, ops: Optional[list[str]] = None) -> dict:
     entries = []
@@ -191,16 +203,30 @@ def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_
             names = candidates(op, args[0])
             fns = {b: time_call(op, b, mode, act, args) for b in names}
             ms = _measure(fns, device, repeats, min_s)
-            fastest = min(ms, key=ms.get)
-            best = fastest
-            if fastest != "native" and "native" in ms and ms["native"] < ms[fastest] * (1 + margin):
-                best = "native"
+            best = _pick(ms, margin)
             n, c, h, w = shape
             entries.append({"op": op, "mode": mode, "dtype": dt, "layout": layout, "act": act,
                             "n": n, "c": c, "h": h, "w": w, "k": k, "cout": cout, "best": best,
                             "ms": {b: round(t, 4) for b, t in ms.items()}})
             log(f"[{i + 1}/{len(sigs)}] {op} {mode} {dt} {layout} {act} {shape} k={k} cout={cout}: "
                 + ", ".join(f"{b} {t:.3f}" for b, t in ms.items()) + f" ms -> {best}")
+        # A close win of ours is measured again after every call has been timed once
+        # (minutes later), and kept only if it wins again: one burst of noise on the stock
+        # candidate must not pick a slower path.
+        close = [(s, e) for s, e in zip(sigs, entries[len(entries) - len(sigs):])
+                 if e["best"] != "native" and "native" in e["ms"]
+                 and e["ms"]["native"] < e["ms"][e["best"]] * (1 + CONFIRM_WITHIN)]
+        for j, ((op, mode, dt, layout, act, shape, k, cout), e) in enumerate(close):
+            args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
+            fns = {b: time_call(op, b, mode, act, args) for b in e["ms"]}
+            again = _measure(fns, device, repeats, min_s)
+            first = e["best"]
+            if _pick(again, margin) != first:
+                e["best"] = "native"
+            e["ms"] = {b: round((t + again[b]) / 2, 4) for b, t in e["ms"].items()}
+            log(f"[confirm {j + 1}/{len(close)}] {op} {mode} {dt} {layout} {act} {shape} k={k} "
+                f"cout={cout}: " + ", ".join(f"{b} {t:.3f}" for b, t in again.items())
+                + f" ms -> {e['best']}" + ("" if e["best"] == first else f" (was {first})"))
     return {"format": tuning.FORMAT, "family": tuning.family(device), "device": report.device_name(device),
             "torch": torch.__version__, "commit": report.git_commit() or None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "margin": margin, "threads": torch.get_num_threads(), "entries": entries}
