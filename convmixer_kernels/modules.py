@@ -92,6 +92,15 @@ def _suggests_cl(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _resolved(layout: dict, x: Any, conv: nn.Conv2d) -> dict:
+    """``layout`` with a GEMM module's default (``memory_format`` None) made concrete: the
+    stock modules' layout for this call. Only the kernel routes need it (the stock route
+    keeps the stock layout by itself), so the hot paths do not pay for it."""
+    if layout and layout.get("memory_format", _KEEP) is None and isinstance(x, Tensor):
+        return {"memory_format": stock_layout(x, conv.weight)}
+    return layout
+
+
 def stock_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of ``conv2d(x, weight)`` as torch returns it on the CPU (oneDNN and its
     fallback) and with cuDNN: channels_last where x or the weight is laid out
@@ -248,10 +257,12 @@ def _native_route(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, b
         # (the fused route is stored by run_fused once the functional API has accepted
         # this signature: the eager-inference shortcut skips the validation)
         elif name is not None and not train and type(x) is Tensor:
+            layout = _resolved(layout, x, conv)
             route = _Inference(backends.get(name), _activations.name_of(act),
                                resolve_out_format(layout["memory_format"], x)
                                if "memory_format" in layout else None, key)
         elif name is not None and grad and type(x) is Tensor and not owner.memory_saving:
+            layout = _resolved(layout, x, conv)
             route = _Training(name, _activations.name_of(act),
                               resolve_out_format(layout.get("memory_format", torch.channels_last), x),
                               key, None)
@@ -366,32 +377,29 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
         reason = None  # a rank's empty share of a synchronized batch: it must join the all-reduce
     if reason is None:
         reason = _geometry_reason(spec, conv)
-    if reason is not None and reason in _AS_STOCK:
-        return _run_stock(spec, x, conv, act, bn, None)
-    if layout and layout["memory_format"] is None and isinstance(x, Tensor):
-        layout = {"memory_format": stock_layout(x, conv.weight)}  # the module's default
     if reason is not None:
-        return _run_stock(spec, x, conv, act, bn, layout)
+        return _run_stock(spec, x, conv, act, bn,
+                          None if reason in _AS_STOCK else _resolved(layout, x, conv))
     route = _native_route(spec, x, conv, act, bn, owner, layout)
     if route is _FUSED:
-        return _run_functional(fn, x, conv, act, bn, owner, layout)
+        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
     if type(route) is _Inference:
         routes = owner.__dict__["_ck_routes"]
         if route[3] not in routes:  # this signature's first call: the functional API checks it
-            out = _run_functional(fn, x, conv, act, bn, owner, layout)
+            out = _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
             routes[route[3]] = route
             return out
         if (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
                 and type(x) is Tensor and not torch._C._len_torch_dispatch_stack()
                 and not torch._C._is_torch_function_mode_enabled()):
             return _run_inference(spec, route, x, conv, bn)
-        return _run_functional(fn, x, conv, act, bn, owner, layout)
+        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
     if type(route) is _Training:
         routes = owner.__dict__["_ck_routes"]
         if routes.get(route[3]) is not route or not _still_valid(route, conv, bn):
             # this signature's first call (or new tensors in the children): checked by the
             # functional API, then kept
-            out = _run_functional(fn, x, conv, act, bn, owner, layout)
+            out = _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
             routes[route[3]] = _Training(*route[:4], _validated_with(conv, bn))
             return out
         if (torch.is_grad_enabled() and not owner.memory_saving
@@ -399,7 +407,7 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
                 and type(x) is Tensor and eager_ok(x, *conv._parameters.values(),
                                                    *bn._parameters.values())):
             return _run_training(spec, route, x, conv, bn)
-        return _run_functional(fn, x, conv, act, bn, owner, layout)
+        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
     y = _run_native(x, conv, act, bn)
     if spec.residual:
         return y + x
