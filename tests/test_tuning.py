@@ -293,3 +293,15 @@ def test_tune_confirms_a_close_win_before_keeping_it(dirs):
     assert t["entries"][0]["ms"] == {"native": 1.05, "cpu": 1.025}  # the two passes' mean
     assert t["entries"][2]["ms"] == {"native": 3.0, "cpu": 1.0}
     tuning.validate(t)
+
+
+def test_tune_measures_the_host_bound_calls():
+    """tune times the overhead tool's tiny block calls in every mode, so a host-bound call
+    is looked up in a bucket measured where host time decides."""
+    from convmixer_kernels.tools import overhead, tune
+
+    sigs = tune._signatures(torch.device("cpu"), "float32", False)
+    tiny = {(s[0], s[1]) for s in sigs if s[5] == tune.HOST_BOUND_SHAPE and s[3] == "contiguous"}
+    assert tiny == {(op, mode) for op, _ in tune.HOST_BOUND_CALLS
+                    for mode in ("eval", "train", "train_no_input_grad")}
+    assert overhead.HOST_BOUND_SHAPE == tune.HOST_BOUND_SHAPE

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import backends
 from ..modules import DepthwiseBlock, PointwiseBlock
+from .tune import HOST_BOUND_CALLS, HOST_BOUND_SHAPE  # the calls tune measures for this end
 
 
 class _Residual(nn.Module):
@@ -39,9 +40,11 @@ def _per_call_us(fn, calls: int) -> float:
 def measure(rounds: int = 7, calls: int = 2000, names=None) -> list[tuple[str, str, str, float, float]]:
     """[(block, mode, provider, us per call, ratio to stock)]."""
     torch.set_num_threads(1)
-    x = torch.randn(1, 8, 4, 4)
+    x = torch.randn(*HOST_BOUND_SHAPE)
+    c = HOST_BOUND_SHAPE[1]
     rows = []
-    for block, fused in (("dw_block", DepthwiseBlock(8, 3)), ("pw_block", PointwiseBlock(8))):
+    for block, fused in (("dw_block", DepthwiseBlock(c, dict(HOST_BOUND_CALLS)["dw_block"])),
+                         ("pw_block", PointwiseBlock(c))):
         stock = (_Residual(copy.deepcopy(fused.fn)) if block == "dw_block"
                  else nn.Sequential(*[copy.deepcopy(m) for m in fused]))
         providers = {"stock": stock}
