@@ -322,6 +322,7 @@ def _run_stock(spec: BlockSpec, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: 
         return y + x  # timm's and the paper's Residual: fn(x) + x
     if layout is None:
         return y
+    layout = _resolved(layout, x, conv)
     fmt = out_memory_format(resolve_out_format(layout.get("memory_format", torch.channels_last), x))
     return y.contiguous(memory_format=fmt)
 
@@ -378,28 +379,27 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
     if reason is None:
         reason = _geometry_reason(spec, conv)
     if reason is not None:
-        return _run_stock(spec, x, conv, act, bn,
-                          None if reason in _AS_STOCK else _resolved(layout, x, conv))
+        return _run_stock(spec, x, conv, act, bn, None if reason in _AS_STOCK else layout)
     route = _native_route(spec, x, conv, act, bn, owner, layout)
     if route is _FUSED:
-        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
     if type(route) is _Inference:
         routes = owner.__dict__["_ck_routes"]
         if route[3] not in routes:  # this signature's first call: the functional API checks it
-            out = _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
+            out = _run_functional(fn, x, conv, act, bn, owner, layout)
             routes[route[3]] = route
             return out
         if (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
                 and type(x) is Tensor and not torch._C._len_torch_dispatch_stack()
                 and not torch._C._is_torch_function_mode_enabled()):
             return _run_inference(spec, route, x, conv, bn)
-        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
     if type(route) is _Training:
         routes = owner.__dict__["_ck_routes"]
         if routes.get(route[3]) is not route or not _still_valid(route, conv, bn):
             # this signature's first call (or new tensors in the children): checked by the
             # functional API, then kept
-            out = _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
+            out = _run_functional(fn, x, conv, act, bn, owner, layout)
             routes[route[3]] = _Training(*route[:4], _validated_with(conv, bn))
             return out
         if (torch.is_grad_enabled() and not owner.memory_saving
@@ -407,7 +407,7 @@ def run_fused(fn: Callable[..., Tensor], x: Tensor, conv: nn.Conv2d, act: nn.Mod
                 and type(x) is Tensor and eager_ok(x, *conv._parameters.values(),
                                                    *bn._parameters.values())):
             return _run_training(spec, route, x, conv, bn)
-        return _run_functional(fn, x, conv, act, bn, owner, _resolved(layout, x, conv))
+        return _run_functional(fn, x, conv, act, bn, owner, layout)
     y = _run_native(x, conv, act, bn)
     if spec.residual:
         return y + x
@@ -483,7 +483,9 @@ def _run_inference(spec: BlockSpec, route: "_Inference", x: Tensor, conv: nn.Con
 
 def _run_functional(fn, x: Tensor, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
                     owner: FusedOptions, layout: dict) -> Tensor:
-    """The fused op through the functional API, with BatchNorm's bookkeeping."""
+    """The fused op through the functional API, with BatchNorm's bookkeeping (and the GEMM
+    modules' default layout made concrete)."""
+    layout = _resolved(layout, x, conv)
     factor, use_batch_stats, rm, rv = _bn_bookkeeping(bn)
     activation = _activations.name_of(act)
     if activation is None:

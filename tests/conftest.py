@@ -145,3 +145,11 @@ def grads_of(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def has_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("CONVMIXER_KERNELS_NO_CUDA_TESTS") != "1"
+
+
+def stock_conv_layout(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.memory_format:
+    """The layout torch's own convolution returns for x (what the stock modules return)."""
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride)
+    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format

@@ -22,7 +22,8 @@ from convmixer_kernels import functional, reference
 from convmixer_kernels.spec import out_memory_format, output_memory_format
 from convmixer_kernels.ops import BLOCK_OPS
 
-from conftest import LAYOUTS, assert_close_to_oracle, backends_under_test, make_input
+from conftest import (LAYOUTS, assert_close_to_oracle, backends_under_test, make_input,
+                      stock_conv_layout)
 
 OPS = ("pw_block", "patch_embed")
 CASES = [(op, b) for op in OPS for b in backends_under_test("cpu", op)]
@@ -232,13 +233,6 @@ def test_modules_memory_format():
         with torch.no_grad():
             assert_layout(m(x), torch.channels_last)
 
-
-def stock_conv_layout(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.memory_format:
-    """The layout torch's own convolution returns for x (what the stock modules return)."""
-    with torch.no_grad():
-        y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride)
-    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
     model = ck.ConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=3,
                          memory_format=torch.contiguous_format)
     blocks = [model.stem, *model.blocks]

@@ -202,6 +202,15 @@ def _pick(ms: dict, margin: float) -> str:
     return fastest
 
 
+def _time_signature(sig: tuple, names: Optional[list], device: torch.device, repeats: int,
+                    min_s: float) -> dict:
+    """Median ms of each candidate (``names``, or every candidate) for one recorded call."""
+    op, mode, dt, layout, act, shape, k, cout = sig
+    args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
+    fns = {b: time_call(op, b, mode, act, args) for b in names or candidates(op, args[0])}
+    return _measure(fns, device, repeats, min_s)
+
+
 def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_s: float,
          margin: float, log=print, ops: Optional[list[str]] = None) -> dict:
     entries = []
@@ -209,10 +218,7 @@ def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_
         sigs = [s for s in _signatures(device, dtype, full) if ops is None or s[0] in ops]
         log(f"tune: {len(sigs)} block calls to time for {dtype} on {device}")
         for i, (op, mode, dt, layout, act, shape, k, cout) in enumerate(sigs):
-            args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
-            names = candidates(op, args[0])
-            fns = {b: time_call(op, b, mode, act, args) for b in names}
-            ms = _measure(fns, device, repeats, min_s)
+            ms = _time_signature((op, mode, dt, layout, act, shape, k, cout), None, device, repeats, min_s)
             best = _pick(ms, margin)
             n, c, h, w = shape
             entries.append({"op": op, "mode": mode, "dtype": dt, "layout": layout, "act": act,
@@ -226,10 +232,9 @@ def tune(device: torch.device, dtypes: list[str], full: bool, repeats: int, min_
         close = [(s, e) for s, e in zip(sigs, entries[len(entries) - len(sigs):])
                  if e["best"] != "native" and "native" in e["ms"]
                  and e["ms"]["native"] < e["ms"][e["best"]] * (1 + CONFIRM_WITHIN)]
-        for j, ((op, mode, dt, layout, act, shape, k, cout), e) in enumerate(close):
-            args = _inputs(op, shape, k, cout, DTYPES[dt], layout, device, mode)
-            fns = {b: time_call(op, b, mode, act, args) for b in e["ms"]}
-            again = _measure(fns, device, repeats, min_s)
+        for j, (sig, e) in enumerate(close):
+            op, mode, dt, layout, act, shape, k, cout = sig
+            again = _time_signature(sig, list(e["ms"]), device, repeats, min_s)
             first = e["best"]
             if _pick(again, margin) != first:
                 e["best"] = "native"
